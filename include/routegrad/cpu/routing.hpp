@@ -1,0 +1,281 @@
+// CPU back end of the routing entry points: a loop over tokens (OpenMP when available) running
+// the shared per-token rules with one serial lane. Results are bit-identical for any thread
+// count: tokens are independent, and every cross-token sum runs over fixed blocks of tokens in
+// block order.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#if defined(ROUTEGRAD_HAS_OPENMP)
+#include <omp.h>
+#endif
+
+#include "../estimators/token_backward.hpp"
+#include "../estimators/token_forward.hpp"
+#include "../routing/options.hpp"
+#include "../routing/validate.hpp"
+
+namespace routegrad::cpu {
+
+/// How the CPU back end runs: num_threads = 0 uses OpenMP's default.
+struct execution {
+  int num_threads = 0;
+};
+
+/// The math type for storage type T: double for double, float otherwise.
+template <class T>
+using math_t = std::conditional_t<std::is_same_v<std::remove_cv_t<T>, double>, double, float>;
+
+/// Tokens per block of the fixed-order reductions (part of the bit-reproducibility contract).
+inline constexpr index_t reduction_block = 256;
+
+namespace detail {
+
+/// A row of the caller's logits, read through its stride; `noise` (when set) is the staged
+/// Switch jitter of this row.
+template <class T, class M>
+struct logits_row {
+  const T* data;
+  index_t stride;
+  index_t n;
+  const M* noise;  // null: no jitter
+
+  ROUTEGRAD_HD index_t size() const { return n; }
+  ROUTEGRAD_HD M clean(index_t i) const { return static_cast<M>(data[i * stride]); }
+  ROUTEGRAD_HD M logit(index_t i) const { return noise ? clean(i) * noise[i] : clean(i); }
+  ROUTEGRAD_HD M chain(index_t i) const { return noise ? noise[i] : M(1); }
+};
+
+template <class G, class M>
+struct forward_slots {
+  std::int32_t* experts;
+  index_t expert_stride;
+  std::uint8_t* coins;  // may be null
+  index_t coin_stride;
+  G* gates;
+  index_t gate_stride;
+
+  ROUTEGRAD_HD index_t expert(int j) const { return experts[j * expert_stride]; }
+  ROUTEGRAD_HD void record(int j, index_t e, M gate, int coin) {
+    experts[j * expert_stride] = static_cast<std::int32_t>(e);
+    gates[j * gate_stride] = static_cast<G>(gate);
+    if (coins) coins[j * coin_stride] = static_cast<std::uint8_t>(coin);
+  }
+  ROUTEGRAD_HD M gate(int j) const { return static_cast<M>(gates[j * gate_stride]); }
+  ROUTEGRAD_HD void set_gate(int j, M g) { gates[j * gate_stride] = static_cast<G>(g); }
+};
+
+template <class GG>
+struct backward_slots {
+  const std::int32_t* experts;
+  index_t expert_stride;
+  const std::uint8_t* coins;  // may be null
+  index_t coin_stride;
+  const GG* grad_gates;
+  index_t grad_stride;
+
+  ROUTEGRAD_HD index_t expert(int j) const { return experts[j * expert_stride]; }
+  ROUTEGRAD_HD int coin(int j) const { return coins ? coins[j * coin_stride] : 0; }
+  ROUTEGRAD_HD GG grad_gate(int j) const { return grad_gates[j * grad_stride]; }
+};
+
+template <class M>
+struct scratch_grad {
+  M* values;
+  ROUTEGRAD_HD void add(index_t i, M v) { values[i] += v; }
+  ROUTEGRAD_HD void scale(index_t i, M f) { values[i] *= f; }
+};
+
+template <class M>
+struct count_fraction {
+  const std::int64_t* counts;  // null when the load-balancing term is off
+  M inv_pairs;                 // 1 / (T·k)
+  ROUTEGRAD_HD M operator()(index_t e) const { return counts ? static_cast<M>(counts[e]) * inv_pairs : M(0); }
+};
+
+/// Runs body(first_token, end_token, block_index, thread_scratch) over fixed blocks of tokens;
+/// each thread owns `scratch_size` elements of scratch.
+template <class Scratch, class Body>
+void for_each_block(index_t rows, const execution& exec, index_t scratch_size, Body body) {
+  const index_t blocks = (rows + reduction_block - 1) / reduction_block;
+#if defined(ROUTEGRAD_HAS_OPENMP)
+  const int threads = exec.num_threads > 0 ? exec.num_threads : omp_get_max_threads();
+#pragma omp parallel num_threads(threads) if (blocks > 1)
+  {
+    std::vector<Scratch> scratch(static_cast<std::size_t>(scratch_size));
+#pragma omp for schedule(static)
+    for (index_t b = 0; b < blocks; ++b)
+      body(b * reduction_block, std::min(rows, (b + 1) * reduction_block), b, scratch.data());
+  }
+#else
+  (void)exec;
+  std::vector<Scratch> scratch(static_cast<std::size_t>(scratch_size));
+  for (index_t b = 0; b < blocks; ++b)
+    body(b * reduction_block, std::min(rows, (b + 1) * reduction_block), b, scratch.data());
+#endif
+}
+
+/// Stages the Switch jitter of row t into `noise` and returns it, or null when there is none.
+template <class Est, class M>
+const M* stage_noise(const routing_options& opt, const rng_stream& rng, index_t t, index_t n,
+                     M* noise) {
+  if constexpr (Est::noisy) {
+    if (opt.mode == routing_mode::train && opt.jitter_eps > 0.0) {
+      for (index_t e = 0; e < n; ++e) noise[e] = switch_noise(rng, t, e, static_cast<M>(opt.jitter_eps));
+      return noise;
+    }
+  }
+  (void)opt, (void)rng, (void)t, (void)n, (void)noise;
+  return nullptr;
+}
+
+template <class M>
+token_params<M> params_of(const routing_options& opt) {
+  return {opt.k, opt.mode == routing_mode::train, static_cast<M>(opt.jitter_eps), opt.renormalize};
+}
+
+}  // namespace detail
+
+/// Forward of one routing step on host memory. See routegrad::route_forward.
+template <class Est, class TL, class G>
+status route_forward(const routing_options& opt, host_view<TL, 2> logits,
+                     const host_routing_state& state, host_view<G, 2> gates,
+                     const host_routing_stats& stats = {}, const execution& exec = {}) {
+  ROUTEGRAD_RETURN_IF_ERROR(validation::check_forward<Est>(opt, logits, state, gates));
+  using T = std::remove_const_t<TL>;
+  using M = math_t<T>;
+  const index_t rows = logits.extent(0), n = logits.extent(1);
+  const index_t blocks = (rows + reduction_block - 1) / reduction_block;
+  const bool want_counts = stats.expert_counts != nullptr || stats.load_balance_loss != nullptr;
+  const bool want_p = stats.load_balance_loss != nullptr;
+  const bool want_lse = stats.z_loss != nullptr;
+  // Per-block partial sums, reduced in block order afterwards.
+  std::vector<std::int64_t> block_counts(want_counts ? static_cast<std::size_t>(blocks * n) : 0);
+  std::vector<double> block_p(want_p ? static_cast<std::size_t>(blocks * n) : 0);
+  std::vector<double> block_lse2(want_lse ? static_cast<std::size_t>(blocks) : 0);
+  std::vector<std::int64_t> block_bad(static_cast<std::size_t>(blocks));
+  const token_params<M> params = detail::params_of<M>(opt);
+
+  detail::for_each_block<M>(rows, exec, n, [&](index_t t0, index_t t1, index_t b, M* noise) {
+    std::int64_t bad = 0;
+    double lse2 = 0.0;
+    for (index_t t = t0; t < t1; ++t) {
+      const T* row_ptr = logits.data_handle() + t * logits.stride(0);
+      const detail::logits_row<T, M> row{row_ptr, logits.stride(1), n,
+                                         detail::stage_noise<Est>(opt, state.rng, t, n, noise)};
+      detail::forward_slots<G, M> slots{
+          state.experts.data_handle() + t * state.experts.stride(0), state.experts.stride(1),
+          state.coins.data_handle() ? state.coins.data_handle() + t * state.coins.stride(0)
+                                    : nullptr,
+          state.coins.stride(1), gates.data_handle() + t * gates.stride(0), gates.stride(1)};
+      if (!token_forward<Est, M>(serial_lanes{}, row, slots, params, state.rng, t)) {
+        ++bad;  // not fully routed: left out of the counts and of the loss sums
+        continue;
+      }
+      if (want_counts)
+        for (int j = 0; j < opt.k; ++j) ++block_counts[static_cast<std::size_t>(b * n + slots.expert(j))];
+      if (want_p || want_lse) {
+        const row_summary<M> summary = summarize_row<M>(serial_lanes{}, row);
+        const slot_softmax<M> c = clean_softmax<Est, M>(serial_lanes{}, row, summary.top.value);
+        if (want_p)
+          for (index_t e = 0; e < n; ++e)
+            block_p[static_cast<std::size_t>(b * n + e)] +=
+                static_cast<double>(math::exp(row.clean(e) - c.max) / c.norm);
+        if (want_lse) {
+          const double lse = static_cast<double>(c.max + math::log(c.norm));
+          lse2 += lse * lse;
+        }
+      }
+    }
+    block_bad[static_cast<std::size_t>(b)] = bad;
+    if (want_lse) block_lse2[static_cast<std::size_t>(b)] = lse2;
+  });
+
+  std::int64_t bad = 0;
+  for (std::int64_t x : block_bad) bad += x;
+  if (stats.nonfinite_rows) *stats.nonfinite_rows = bad;
+  std::vector<std::int64_t> counts(want_counts ? static_cast<std::size_t>(n) : 0);
+  for (index_t b = 0; b < (want_counts ? blocks : 0); ++b)
+    for (index_t e = 0; e < n; ++e) counts[static_cast<std::size_t>(e)] += block_counts[static_cast<std::size_t>(b * n + e)];
+  if (stats.expert_counts)
+    for (index_t e = 0; e < n; ++e) stats.expert_counts[e] = counts[static_cast<std::size_t>(e)];
+  if (stats.load_balance_loss) {
+    double loss = 0.0;
+    if (rows > 0) {
+      for (index_t e = 0; e < n; ++e) {
+        double p = 0.0;
+        for (index_t b = 0; b < blocks; ++b) p += block_p[static_cast<std::size_t>(b * n + e)];
+        const double f = static_cast<double>(counts[static_cast<std::size_t>(e)]) / (static_cast<double>(rows) * opt.k);
+        loss += f * (p / static_cast<double>(rows));
+      }
+      loss *= opt.load_balance_coef * static_cast<double>(n);
+    }
+    *stats.load_balance_loss = loss;
+  }
+  if (stats.z_loss) {
+    double s = 0.0;
+    for (double x : block_lse2) s += x;
+    *stats.z_loss = rows > 0 ? opt.z_loss_coef * s / static_cast<double>(rows) : 0.0;
+  }
+  return status::ok();
+}
+
+
+/// Backward of one routing step on host memory. See routegrad::route_backward.
+template <class Est, class TL, class GG, class GL>
+status route_backward(const routing_options& opt, host_view<TL, 2> logits,
+                      const host_routing_state& state, host_view<GG, 2> grad_gates,
+                      host_view<GL, 2> grad_logits, grad_mode mode = grad_mode::overwrite,
+                      const host_routing_stats& stats = {}, const execution& exec = {}) {
+  ROUTEGRAD_RETURN_IF_ERROR(
+      validation::check_backward<Est>(opt, logits, state, grad_gates, grad_logits, stats));
+  using T = std::remove_const_t<TL>;
+  using M = math_t<T>;
+  const index_t rows = logits.extent(0), n = logits.extent(1);
+  // The state may come from elsewhere: check its indices and coins before writing anything.
+  for (index_t t = 0; t < rows; ++t)
+    for (int j = 0; j < opt.k; ++j) {
+      const std::int32_t e = state.experts(t, j);
+      if (e < 0 || e >= n)
+        return {status_code::invalid_argument, "state.experts: an index is outside [0, E)"};
+      if (state.coins.data_handle() && state.coins(t, j) > Est::rule::num_nodes)
+        return {status_code::invalid_argument, "state.coins: a coin names no node of the rule"};
+    }
+  const token_params<M> params = detail::params_of<M>(opt);
+  const M inv_rows = rows > 0 ? M(1) / static_cast<M>(rows) : M(0);
+  const aux_gradient<M, detail::count_fraction<M>> aux{
+      static_cast<M>(opt.load_balance_coef) * static_cast<M>(n) * inv_rows,
+      M(2) * static_cast<M>(opt.z_loss_coef) * inv_rows,
+      {opt.load_balance_coef != 0.0 ? stats.expert_counts : nullptr,
+       rows > 0 ? M(1) / (static_cast<M>(rows) * static_cast<M>(opt.k)) : M(0)}};
+
+  detail::for_each_block<M>(rows, exec, 2 * n, [&](index_t t0, index_t t1, index_t, M* noise) {
+    M* grad = noise + n;
+    for (index_t t = t0; t < t1; ++t) {
+      const detail::logits_row<std::remove_const_t<TL>, M> row{
+          logits.data_handle() + t * logits.stride(0), logits.stride(1), n,
+          detail::stage_noise<Est>(opt, state.rng, t, n, noise)};
+      const detail::backward_slots<std::remove_const_t<GG>> slots{
+          state.experts.data_handle() + t * state.experts.stride(0), state.experts.stride(1),
+          state.coins.data_handle() ? state.coins.data_handle() + t * state.coins.stride(0)
+                                    : nullptr,
+          state.coins.stride(1), grad_gates.data_handle() + t * grad_gates.stride(0),
+          grad_gates.stride(1)};
+      std::fill(grad, grad + n, M(0));
+      detail::scratch_grad<M> acc{grad};
+      token_backward<Est, M>(serial_lanes{}, row, slots, acc, params, aux);
+      GL* out = grad_logits.data_handle() + t * grad_logits.stride(0);
+      const index_t s = grad_logits.stride(1);
+      if (mode == grad_mode::accumulate)
+        for (index_t e = 0; e < n; ++e) out[e * s] = static_cast<GL>(static_cast<M>(out[e * s]) + grad[e]);
+      else
+        for (index_t e = 0; e < n; ++e) out[e * s] = static_cast<GL>(grad[e]);
+    }
+  });
+  return status::ok();
+}
+
+}  // namespace routegrad::cpu

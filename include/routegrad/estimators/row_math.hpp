@@ -1,0 +1,102 @@
+// Row-level building blocks shared by every estimator: validity check, masked max, softmax
+// normaliser, inverse-CDF sampling and the jitter mask. Written against the lanes policy
+// (lanes.hpp), so the CPU and CUDA back ends run the same code.
+//
+// A Row accessor provides: size(); logit(i) (the logit the estimator routes on: jittered for
+// Switch in training); clean(i) (the caller's logit, for the auxiliary losses); chain(i) (the
+// factor ∂logit(i)/∂clean(i): the jitter noise, or 1).
+#pragma once
+
+#include "../core/math.hpp"
+#include "lanes.hpp"
+
+namespace routegrad {
+
+/// SPEC §2: expert i is removed when (m − z_i) / max(|z_i|, m) > 2ε; a zero denominator keeps it.
+template <class M>
+ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE bool jitter_masked(M z, M m, M two_eps) {
+  const M den = math::max(math::abs(z), m);
+  if (den == M(0)) return false;
+  return (m - z) / den > two_eps;
+}
+
+/// Whether the row can be routed, and its largest logit. A row with a NaN or +inf logit, or with
+/// no finite logit, cannot (SPEC §7: it is routed to the lowest experts with gate 0).
+template <class M>
+struct row_summary {
+  bool routable;
+  row_extreme<M> top;  // max of logit(i) over finite entries
+};
+
+template <class M, class Lanes, class Row>
+ROUTEGRAD_HD row_summary<M> summarize_row(const Lanes& lanes, const Row& row) {
+  const M inf = math::infinity<M>();
+  bool bad = false;
+  row_extreme<M> top{-inf, -1};
+  for (index_t i = lanes.lane(); i < row.size(); i += lanes.count()) {
+    const M c = row.clean(i);
+    if (math::is_nan(c) || c == inf) bad = true;
+    const M z = row.logit(i);
+    if (z > -inf) top = better_extreme(top, row_extreme<M>{z, i});
+  }
+  bad = lanes.any(bad);
+  top = lanes.argmax(top);
+  return {!bad && top.index >= 0, top};
+}
+
+/// max / argmax of logit(i) over finite entries with include(i).
+template <class M, class Lanes, class Row, class Include>
+ROUTEGRAD_HD row_extreme<M> max_where(const Lanes& lanes, const Row& row, Include include) {
+  const M inf = math::infinity<M>();
+  row_extreme<M> top{-inf, -1};
+  for (index_t i = lanes.lane(); i < row.size(); i += lanes.count()) {
+    const M z = row.logit(i);
+    if (z > -inf && include(i)) top = better_extreme(top, row_extreme<M>{z, i});
+  }
+  return lanes.argmax(top);
+}
+
+/// Σ exp(logit(i) − m) over entries with include(i) (−inf entries add 0).
+template <class M, class Lanes, class Row, class Include>
+ROUTEGRAD_HD M sum_exp_where(const Lanes& lanes, const Row& row, M m, Include include) {
+  M s = M(0);
+  for (index_t i = lanes.lane(); i < row.size(); i += lanes.count()) {
+    if (include(i)) s += math::exp(row.logit(i) - m);
+  }
+  return lanes.sum(s);
+}
+
+/// Σ exp(clean(i) − m) over all entries: the unmasked softmax normaliser of the caller's logits.
+template <class M, class Lanes, class Row>
+ROUTEGRAD_HD M sum_exp_clean(const Lanes& lanes, const Row& row, M m) {
+  M s = M(0);
+  for (index_t i = lanes.lane(); i < row.size(); i += lanes.count()) {
+    s += math::exp(row.clean(i) - m);
+  }
+  return lanes.sum(s);
+}
+
+/// Inverse-CDF draw: the first i (in index order) with include(i) whose running sum of
+/// exp(logit − m) exceeds `target` (= u · Σ, u in (0,1)). If rounding leaves the target unreached,
+/// the last included entry with positive weight is taken. Needs one uniform, not one per expert.
+template <class M, class Lanes, class Row, class Include>
+ROUTEGRAD_HD index_t inverse_cdf_where(const Lanes& lanes, const Row& row, M m, M target,
+                                       Include include) {
+  const index_t n = row.size();
+  const int L = lanes.count();
+  M carry = M(0);
+  index_t last_positive = -1;
+  for (index_t base = 0; base < n; base += L) {
+    const index_t i = base + lanes.lane();
+    M p = M(0);
+    if (i < n && include(i)) p = math::exp(row.logit(i) - m);
+    const M running = carry + lanes.inclusive_scan(p);
+    const int hit = lanes.first_lane(p > M(0) && running > target);
+    if (hit >= 0) return base + hit;
+    if (p > M(0)) last_positive = i;
+    carry = lanes.from_last_lane(running);
+  }
+  return lanes.max_index(last_positive);
+}
+
+}  // namespace routegrad

@@ -1,0 +1,124 @@
+// The backward rule of every estimator for one token (SPEC §4–5), written once for all back ends:
+//   ∂L/∂z_i = chain(i) · Σ_j w · G_j · J_{D_j}(i)   (+ the auxiliary-loss terms)
+// with J_D(i) = π_D (δ_iD − π_i) over slot j's candidate set, the softmax recomputed from the
+// logits. With renormalised gates, G_j first goes through the renormalisation's exact backward.
+//
+// Slots accessor: expert(j), coin(j), grad_gate(j). Grad accessor: add(i, v) and scale(i, f) on
+// the lane's own elements (the back end zeroes it before and stores it after).
+#pragma once
+
+#include "token_common.hpp"
+
+namespace routegrad {
+
+/// The auxiliary-loss terms of SPEC §5 for one token: α·E/T·p_i(f_i − Σ_e f_e p_e) and
+/// (2β/T)·lse·p_i over the unmasked softmax p of the caller's logits. `fraction(e)` is f_e.
+template <class M, class Fraction>
+struct aux_gradient {
+  M load_balance_scale;  // α·E/T (0: off)
+  M z_loss_scale;        // 2β/T (0: off)
+  Fraction fraction;
+};
+
+/// Max and normaliser of the unmasked softmax of the caller's logits (assumes a routable row).
+template <class Est, class M, class Lanes, class Row>
+ROUTEGRAD_HD slot_softmax<M> clean_softmax(const Lanes& lanes, const Row& row, M routed_max) {
+  M m = routed_max;
+  if constexpr (Est::noisy) {
+    const M inf = math::infinity<M>();
+    row_extreme<M> top{-inf, -1};
+    for (index_t i = lanes.lane(); i < row.size(); i += lanes.count())
+      if (row.clean(i) > -inf) top = better_extreme(top, row_extreme<M>{row.clean(i), i});
+    m = lanes.argmax(top).value;
+  }
+  return {m, sum_exp_clean(lanes, row, m)};
+}
+
+/// Slot j's softmax and its π_D, recomputed from the logits exactly as the forward computed them.
+template <class M>
+struct slot_view {
+  slot_softmax<M> sm;
+  M pi_chosen;  // π_{D_j}, 0 when D_j is not a candidate of slot j
+};
+
+template <class Est, class M, class Lanes, class Row, class Slots>
+ROUTEGRAD_HD slot_view<M> recompute_slot(const Lanes& lanes, const Row& row,
+                                                                 const Slots& slots,
+                                                                 slot_softmax<M> shared,
+                                                                 M two_eps, int j) {
+  slot_softmax<M> sm = shared;
+  const index_t d = slots.expert(j);
+  if constexpr (Est::per_slot_softmax) {
+    const row_extreme<M> top = max_where<M>(lanes, row, not_taken<Slots>{slots, j});
+    if (top.index < 0) return {sm, M(0)};
+    const slot_candidates<Est, M, Row, Slots> candidate{row, slots, j, top.value, two_eps};
+    sm = {top.value, sum_exp_where(lanes, row, top.value, candidate)};
+    if (!candidate(d)) return {sm, M(0)};
+  }
+  return {sm, math::exp(row.logit(d) - sm.max) / sm.norm};
+}
+
+/// Adds token t's logit gradient into `grad`. Returns false (and adds nothing) for a row the
+/// forward could not route (SPEC §7).
+template <class Est, class M, class Lanes, class Row, class Slots, class Grad, class Fraction>
+ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots& slots, Grad& grad,
+                                 const token_params<M>& p, const aux_gradient<M, Fraction>& aux) {
+  const row_summary<M> summary = summarize_row<M>(lanes, row);
+  if (!summary.routable) return false;
+  const M two_eps = M(2) * p.jitter_eps;
+  slot_softmax<M> shared{summary.top.value, M(1)};
+  if constexpr (!Est::per_slot_softmax)
+    shared.norm = sum_exp_where(lanes, row, summary.top.value, any_expert{});
+  using view_t = slot_view<M>;
+
+  // Renormalised gates g̃_j = g_j / s: G_j = (G̃_j − Σ_l G̃_l g̃_l) / s.
+  M renorm_shift = M(0), renorm_inv = M(1);
+  if (p.renormalize) {
+    M s = M(0), q = M(0);
+    for (int j = 0; j < p.k; ++j) {
+      const view_t v = recompute_slot<Est, M, Lanes, Row, Slots>(lanes, row, slots, shared, two_eps, j);
+      const M g = coin_scale<typename Est::rule, M>(slots.coin(j)) * v.pi_chosen;
+      s += g;
+      q += static_cast<M>(slots.grad_gate(j)) * g;
+    }
+    if (!(s > M(0))) return true;  // every gate was 0: so is the gradient
+    renorm_inv = M(1) / s;
+    renorm_shift = q / s;
+  }
+
+  const M weight = static_cast<M>(Est::weight);
+  for (int j = 0; j < p.k; ++j) {
+    const view_t v = recompute_slot<Est, M, Lanes, Row, Slots>(lanes, row, slots, shared, two_eps, j);
+    if (!(v.pi_chosen > M(0))) continue;
+    M g = static_cast<M>(slots.grad_gate(j));
+    if (p.renormalize) g = (g - renorm_shift) * renorm_inv;
+    const M coef = weight * g * v.pi_chosen;
+    const index_t d = slots.expert(j);
+    const slot_candidates<Est, M, Row, Slots> candidate{row, slots, j, v.sm.max, two_eps};
+    for (index_t i = lanes.lane(); i < row.size(); i += lanes.count()) {
+      M add = i == d ? coef : M(0);
+      if (candidate(i)) add -= coef * math::exp(row.logit(i) - v.sm.max) / v.sm.norm;
+      grad.add(i, add);
+    }
+  }
+  if constexpr (Est::noisy)
+    for (index_t i = lanes.lane(); i < row.size(); i += lanes.count()) grad.scale(i, row.chain(i));
+
+  if (aux.load_balance_scale != M(0) || aux.z_loss_scale != M(0)) {
+    const slot_softmax<M> c = clean_softmax<Est, M>(lanes, row, summary.top.value);
+    M fp = M(0);
+    if (aux.load_balance_scale != M(0)) {
+      for (index_t i = lanes.lane(); i < row.size(); i += lanes.count())
+        fp += aux.fraction(i) * math::exp(row.clean(i) - c.max);
+      fp = lanes.sum(fp) / c.norm;
+    }
+    const M lse = c.max + math::log(c.norm);
+    for (index_t i = lanes.lane(); i < row.size(); i += lanes.count()) {
+      const M pi = math::exp(row.clean(i) - c.max) / c.norm;
+      grad.add(i, aux.load_balance_scale * pi * (aux.fraction(i) - fp) + aux.z_loss_scale * lse * pi);
+    }
+  }
+  return true;
+}
+
+}  // namespace routegrad

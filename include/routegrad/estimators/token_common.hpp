@@ -1,0 +1,101 @@
+// Pieces the per-token forward and backward share: parameters, the slot's candidate set and its
+// softmax, the coin, and the Switch jitter noise.
+#pragma once
+
+#include "../core/philox.hpp"
+#include "estimators.hpp"
+#include "row_math.hpp"
+
+namespace routegrad {
+
+/// Per-call values the per-token rules need, in the math type M.
+template <class M>
+struct token_params {
+  int k;
+  bool train;
+  M jitter_eps;  // the mask ε (SparseMixer) or the noise ε (Switch)
+  bool renormalize;
+};
+
+/// π_i = exp(logit(i) − max) / norm over a slot's candidate set.
+template <class M>
+struct slot_softmax {
+  M max;
+  M norm;
+};
+
+/// Whether expert i was taken by a slot before `slot` (reads Slots::expert).
+template <class Slots>
+ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE bool taken_before(const Slots& slots, int slot, index_t i) {
+  for (int l = 0; l < slot; ++l)
+    if (static_cast<index_t>(slots.expert(l)) == i) return true;
+  return false;
+}
+
+/// The lowest expert no earlier slot took: where a slot with no candidate goes (SPEC §7).
+template <class Slots>
+ROUTEGRAD_HD index_t lowest_free_expert(const Slots& slots, int slot) {
+  index_t i = 0;
+  while (taken_before(slots, slot, i)) ++i;
+  return i;
+}
+
+/// The candidate set S_j of slot j (SPEC §1–2): finite logits, not taken by earlier slots, and,
+/// for SparseMixer, not removed by the jitter mask relative to `slot_max` (the slot's max).
+/// Estimators without a per-slot softmax normalise over every finite logit instead.
+template <class Est, class M, class Row, class Slots>
+struct slot_candidates {
+  const Row& row;
+  const Slots& slots;
+  int slot;
+  M slot_max;
+  M two_eps;
+
+  ROUTEGRAD_HD bool operator()(index_t i) const {
+    if constexpr (Est::per_slot_softmax) {
+      if (taken_before(slots, slot, i)) return false;
+      if constexpr (Est::jitter_mask) return !jitter_masked(row.logit(i), slot_max, two_eps);
+    }
+    return true;
+  }
+};
+
+/// Experts not yet taken (for the slot's argmax).
+template <class Slots>
+struct not_taken {
+  const Slots& slots;
+  int slot;
+  ROUTEGRAD_HD bool operator()(index_t i) const { return !taken_before(slots, slot, i); }
+};
+
+struct any_expert {
+  ROUTEGRAD_HD bool operator()(index_t) const { return true; }
+};
+
+/// The coin of a quadrature rule: 0 → c = 1, n ≥ 1 → node n−1, from a uniform u in (0, 1).
+template <class Rule, class M>
+ROUTEGRAD_HD int draw_coin(M u) {
+  M acc = M(0);
+  for (int n = 0; n < Rule::num_nodes; ++n) {
+    acc += static_cast<M>(Rule::probability(n));
+    if (u < acc) return n + 1;
+  }
+  return 0;
+}
+
+/// The forward scale c of a coin outcome.
+template <class Rule, class M>
+ROUTEGRAD_HD M coin_scale(int coin) {
+  return coin == 0 ? M(1) : static_cast<M>(Rule::scale(coin - 1));
+}
+
+/// Switch jitter: the factor multiplying logit e of row t, 1 + ε(2u − 1) with u from Philox.
+template <class M>
+ROUTEGRAD_HD M switch_noise(const rng_stream& rng, index_t t, index_t e, M eps) {
+  const philox4x32 b = rng.block(static_cast<std::uint64_t>(t), rng_purpose::switch_noise,
+                                 static_cast<std::uint32_t>(e >> 2));
+  const M u = static_cast<M>(uniform_open01(b.v[e & 3]));
+  return M(1) + eps * (M(2) * u - M(1));
+}
+
+}  // namespace routegrad

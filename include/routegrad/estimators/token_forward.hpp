@@ -1,0 +1,62 @@
+// The forward rule of every estimator for one token (SPEC §3–4), written once for all back ends.
+//
+// Slots accessor (provided by the back end), called with the same arguments on every lane:
+//   expert(j)                       the expert recorded for slot j (j below the current slot)
+//   record(j, expert, gate, coin)   store slot j's choice
+//   gate(j), set_gate(j, g)         read back / replace a gate (renormalisation)
+#pragma once
+
+#include "token_common.hpp"
+
+namespace routegrad {
+
+/// Routes token `t`. Returns false when the row could not be routed fully (a NaN or +inf logit,
+/// or fewer than k finite logits): such slots go to the lowest free expert with gate 0.
+template <class Est, class M, class Lanes, class Row, class Slots>
+ROUTEGRAD_HD bool token_forward(const Lanes& lanes, const Row& row, Slots& slots,
+                                const token_params<M>& p, const rng_stream& rng, index_t t) {
+  const row_summary<M> summary = summarize_row<M>(lanes, row);
+  if (!summary.routable) {
+    for (int j = 0; j < p.k; ++j) slots.record(j, j, M(0), 0);
+    return false;
+  }
+  const M two_eps = M(2) * p.jitter_eps;
+  slot_softmax<M> shared{summary.top.value, M(1)};
+  if constexpr (!Est::per_slot_softmax)
+    shared.norm = sum_exp_where(lanes, row, summary.top.value, any_expert{});
+
+  bool complete = true;
+  M gate_sum = M(0);
+  for (int j = 0; j < p.k; ++j) {
+    const row_extreme<M> top =
+        j == 0 ? summary.top : max_where<M>(lanes, row, not_taken<Slots>{slots, j});
+    if (top.index < 0) {  // no finite logit left for this slot
+      slots.record(j, lowest_free_expert(slots, j), M(0), 0);
+      complete = false;
+      continue;
+    }
+    const slot_candidates<Est, M, Row, Slots> candidate{row, slots, j, top.value, two_eps};
+    slot_softmax<M> sm = shared;
+    if constexpr (Est::per_slot_softmax) sm = {top.value, sum_exp_where(lanes, row, top.value, candidate)};
+
+    index_t chosen = top.index;
+    int coin = 0;
+    if constexpr (Est::sampled) {
+      if (p.train) {
+        const philox4x32 b = rng.block(static_cast<std::uint64_t>(t), rng_purpose::slot,
+                                       static_cast<std::uint32_t>(j));
+        const M target = static_cast<M>(uniform_open01(b.v[0])) * sm.norm;
+        chosen = inverse_cdf_where(lanes, row, sm.max, target, candidate);
+        if (chosen != top.index) coin = draw_coin<typename Est::rule>(static_cast<M>(uniform_open01(b.v[1])));
+      }
+    }
+    const M gate = coin_scale<typename Est::rule, M>(coin) * math::exp(row.logit(chosen) - sm.max) / sm.norm;
+    slots.record(j, chosen, gate, coin);
+    gate_sum += gate;
+  }
+  if (p.renormalize && gate_sum > M(0))
+    for (int j = 0; j < p.k; ++j) slots.set_gate(j, slots.gate(j) / gate_sum);
+  return complete;
+}
+
+}  // namespace routegrad
