@@ -1,7 +1,7 @@
 // Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11), the
 // counter-based generator cuRAND, PyTorch and JAX use, and the uniform conversion routegrad uses.
 //
-// Counter layout (docs/design.md, "Random numbers"): one Philox block per (token, purpose, sub):
+// Counter layout (docs/math.md §3 and docs/api.md): one Philox block per (token, purpose, sub):
 //   key     = { seed[31:0], seed[63:32] }
 //   counter = { token, purpose << 24 | sub, offset[31:0], offset[63:32] }
 // where `token` is the global token index (first_token + row, < 2^32) and `sub` < 2^24 is the

@@ -171,12 +171,16 @@ status route_forward(const routing_options& opt, host_view<TL, 2> logits,
           state.coins.data_handle() ? state.coins.data_handle() + t * state.coins.stride(0)
                                     : nullptr,
           state.coins.stride(1), gates.data_handle() + t * gates.stride(0), gates.stride(1)};
-      if (!token_forward<Est, M>(serial_lanes{}, row, slots, params, state.rng, t)) {
-        ++bad;  // not fully routed: left out of the counts and of the loss sums
-        continue;
-      }
+      const token_outcome outcome =
+          token_forward<Est, M>(serial_lanes{}, row, slots, params, state.rng, t);
+      if (!outcome.complete) ++bad;
+      if (!outcome.routable) continue;  // left out of the counts and the loss sums
       if (want_counts)
-        for (int j = 0; j < opt.k; ++j) ++block_counts[static_cast<std::size_t>(b * n + slots.expert(j))];
+        for (int j = 0; j < opt.k; ++j) {
+          const index_t e = slots.expert(j);
+          if (row.clean(e) > -math::infinity<M>())  // slots with a finite choice are routed
+            ++block_counts[static_cast<std::size_t>(b * n + e)];
+        }
       if (want_p || want_lse) {
         const row_summary<M> summary = summarize_row<M>(serial_lanes{}, row);
         const slot_softmax<M> c = clean_softmax<Est, M>(serial_lanes{}, row, summary.top.value);

@@ -81,15 +81,18 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
       s += g;
       q += static_cast<M>(slots.grad_gate(j)) * g;
     }
-    if (!(s > M(0))) return true;  // every gate was 0: so is the gradient
-    renorm_inv = M(1) / s;
-    renorm_shift = q / s;
+    if (s > M(0)) {
+      renorm_inv = M(1) / s;
+      renorm_shift = q / s;
+    } else {
+      renorm_inv = M(0);  // every gate was 0: so is the gates' gradient
+    }
   }
 
   const M weight = static_cast<M>(Est::weight);
   for (int j = 0; j < p.k; ++j) {
     const view_t v = recompute_slot<Est, M, Lanes, Row, Slots>(lanes, row, slots, shared, two_eps, j);
-    if (!(v.pi_chosen > M(0))) continue;
+    if (!(v.pi_chosen > M(0)) || renorm_inv == M(0)) continue;
     M g = static_cast<M>(slots.grad_gate(j));
     if (p.renormalize) g = (g - renorm_shift) * renorm_inv;
     const M coef = weight * g * v.pi_chosen;

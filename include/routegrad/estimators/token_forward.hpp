@@ -10,15 +10,22 @@
 
 namespace routegrad {
 
-/// Routes token `t`. Returns false when the row could not be routed fully (a NaN or +inf logit,
-/// or fewer than k finite logits): such slots go to the lowest free expert with gate 0.
+/// What happened to a token. An unroutable row (a NaN or +inf logit, or no finite logit) goes to
+/// experts 0..k−1 with gate 0; a routable row with fewer than k finite logits is incomplete: its
+/// slots with no finite candidate go to the lowest free expert with gate 0 (SPEC §7).
+struct token_outcome {
+  bool routable;
+  bool complete;
+};
+
+/// Routes token `t`.
 template <class Est, class M, class Lanes, class Row, class Slots>
-ROUTEGRAD_HD bool token_forward(const Lanes& lanes, const Row& row, Slots& slots,
+ROUTEGRAD_HD token_outcome token_forward(const Lanes& lanes, const Row& row, Slots& slots,
                                 const token_params<M>& p, const rng_stream& rng, index_t t) {
   const row_summary<M> summary = summarize_row<M>(lanes, row);
   if (!summary.routable) {
     for (int j = 0; j < p.k; ++j) slots.record(j, j, M(0), 0);
-    return false;
+    return {false, false};
   }
   const M two_eps = M(2) * p.jitter_eps;
   slot_softmax<M> shared{summary.top.value, M(1)};
@@ -56,7 +63,7 @@ ROUTEGRAD_HD bool token_forward(const Lanes& lanes, const Row& row, Slots& slots
   }
   if (p.renormalize && gate_sum > M(0))
     for (int j = 0; j < p.k; ++j) slots.set_gate(j, slots.gate(j) / gate_sum);
-  return complete;
+  return {true, complete};
 }
 
 }  // namespace routegrad

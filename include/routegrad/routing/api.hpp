@@ -1,5 +1,5 @@
-// The public routing entry points for host memory. The CUDA back end (routegrad/cuda.cuh) adds
-// overloads of the same names for device views.
+// The public routing entry points for host memory. A back end for another memory space adds
+// overloads of the same names taking its own view type (device_view for CUDA).
 //
 //   route_forward<Estimator>(options, logits [T,E], state, gates [T,k], stats = {}, exec = {})
 //   route_backward<Estimator>(options, logits [T,E], state, grad_gates [T,k],
