@@ -141,9 +141,9 @@ token_params<M> params_of(const routing_options& opt) {
 
 /// Forward of one routing step on host memory. See routegrad::route_forward.
 template <class Est, class TL, class G>
-status route_forward(const routing_options& opt, host_view<TL, 2> logits,
-                     const host_routing_state& state, host_view<G, 2> gates,
-                     const host_routing_stats& stats = {}, const execution& exec = {}) {
+status run_forward(const routing_options& opt, host_view<TL, 2> logits,
+                   const host_routing_state& state, host_view<G, 2> gates,
+                   const host_routing_stats& stats = {}, const execution& exec = {}) {
   ROUTEGRAD_RETURN_IF_ERROR(validation::check_forward<Est>(opt, logits, state, gates));
   using T = std::remove_const_t<TL>;
   using M = math_t<T>;
@@ -230,7 +230,7 @@ status route_forward(const routing_options& opt, host_view<TL, 2> logits,
 
 /// Backward of one routing step on host memory. See routegrad::route_backward.
 template <class Est, class TL, class GG, class GL>
-status route_backward(const routing_options& opt, host_view<TL, 2> logits,
+status run_backward(const routing_options& opt, host_view<TL, 2> logits,
                       const host_routing_state& state, host_view<GG, 2> grad_gates,
                       host_view<GL, 2> grad_logits, grad_mode mode = grad_mode::overwrite,
                       const host_routing_stats& stats = {}, const execution& exec = {}) {

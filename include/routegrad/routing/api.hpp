@@ -19,7 +19,7 @@ template <class Est, class TL, class G>
 status route_forward(const routing_options& opt, host_view<TL, 2> logits,
                      const host_routing_state& state, host_view<G, 2> gates,
                      const host_routing_stats& stats = {}, const cpu::execution& exec = {}) {
-  return cpu::route_forward<Est>(opt, logits, state, gates, stats, exec);
+  return cpu::run_forward<Est>(opt, logits, state, gates, stats, exec);
 }
 
 /// Turns the gate gradients into logit gradients (overwrite or accumulate), adding the
@@ -29,7 +29,7 @@ status route_backward(const routing_options& opt, host_view<TL, 2> logits,
                       const host_routing_state& state, host_view<GG, 2> grad_gates,
                       host_view<GL, 2> grad_logits, grad_mode mode = grad_mode::overwrite,
                       const host_routing_stats& stats = {}, const cpu::execution& exec = {}) {
-  return cpu::route_backward<Est>(opt, logits, state, grad_gates, grad_logits, mode, stats, exec);
+  return cpu::run_backward<Est>(opt, logits, state, grad_gates, grad_logits, mode, stats, exec);
 }
 
 }  // namespace routegrad

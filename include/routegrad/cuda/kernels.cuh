@@ -1,0 +1,210 @@
+// The routing kernels: a group of `Width` lanes per token (estimators/lanes.hpp), running the
+// shared per-token rules. No float atomics: counts are integers, and the loss sums go through
+// per-block partials reduced in block order, so results are bitwise reproducible.
+#pragma once
+
+#include <cstdint>
+
+#include "../estimators/token_backward.hpp"
+#include "../estimators/token_forward.hpp"
+#include "../routing/options.hpp"
+#include "accessors.cuh"
+#include "lanes.cuh"
+
+namespace routegrad::cuda::detail {
+
+/// Choices kept in registers per lane; slots beyond are read back from global memory.
+inline constexpr int register_slots = 8;
+/// Tokens per block of the loss-sum kernel (the fixed reduction order).
+inline constexpr int stats_block_tokens = 256;
+
+template <class T, class G>
+struct forward_args {
+  const T* logits;
+  index_t rows, cols, logit_stride0, logit_stride1;
+  std::int32_t* experts;
+  index_t expert_stride0, expert_stride1;
+  std::uint8_t* coins;
+  index_t coin_stride0, coin_stride1;
+  G* gates;
+  index_t gate_stride0, gate_stride1;
+  routing_options opt;
+  rng_stream rng;
+  unsigned long long* counts;     // stats.expert_counts (as unsigned for atomicAdd), may be null
+  unsigned long long* nonfinite;  // stats.nonfinite_rows, may be null
+};
+
+template <class Est, class M, class T>
+__device__ device_row<T, M, Est::noisy> make_row(const T* logits, index_t t, index_t s0,
+                                                 index_t s1, index_t n,
+                                                 const routing_options& opt,
+                                                 const rng_stream& rng) {
+  const bool jitter = Est::noisy && opt.mode == routing_mode::train && opt.jitter_eps > 0.0;
+  return {logits + t * s0, s1, n, rng, t, jitter ? static_cast<M>(opt.jitter_eps) : M(0)};
+}
+
+template <class M>
+__device__ token_params<M> params_of(const routing_options& opt) {
+  return {opt.k, opt.mode == routing_mode::train, static_cast<M>(opt.jitter_eps), opt.renormalize};
+}
+
+template <class Est, int Width, class T, class G>
+__global__ void __launch_bounds__(256) forward_kernel(const forward_args<T, G> a) {
+  using M = math_t<T>;
+  const warp_lanes<Width> lanes = warp_lanes<Width>::make();
+  const index_t groups = blockDim.x / Width;
+  const index_t stride = static_cast<index_t>(gridDim.x) * groups;
+  const token_params<M> params = params_of<M>(a.opt);
+  for (index_t t = blockIdx.x * groups + threadIdx.x / Width; t < a.rows; t += stride) {
+    const auto row = make_row<Est, M>(a.logits, t, a.logit_stride0, a.logit_stride1, a.cols,
+                                      a.opt, a.rng);
+    device_forward_slots<G, M, register_slots> slots{
+        a.experts + t * a.expert_stride0, a.expert_stride1,
+        a.coins ? a.coins + t * a.coin_stride0 : nullptr, a.coin_stride1,
+        a.gates + t * a.gate_stride0, a.gate_stride1, lanes.lane() == 0, lanes.mask, {}, {}};
+    const token_outcome outcome = token_forward<Est, M>(lanes, row, slots, params, a.rng, t);
+    if (lanes.lane() == 0) {
+      if (!outcome.complete && a.nonfinite) atomicAdd(a.nonfinite, 1ull);
+      if (outcome.routable && a.counts)
+        for (int j = 0; j < a.opt.k; ++j) {
+          const index_t e = slots.expert(j);
+          if (row.clean(e) > -math::infinity<M>()) atomicAdd(a.counts + e, 1ull);
+        }
+    }
+  }
+}
+
+template <class T, class GG, class GL>
+struct backward_args {
+  const T* logits;
+  index_t rows, cols, logit_stride0, logit_stride1;
+  const std::int32_t* experts;
+  index_t expert_stride0, expert_stride1;
+  const std::uint8_t* coins;
+  index_t coin_stride0, coin_stride1;
+  const GG* grad_gates;
+  index_t grad_gate_stride0, grad_gate_stride1;
+  GL* grad_logits;
+  index_t grad_stride0, grad_stride1;
+  bool accumulate;
+  routing_options opt;
+  rng_stream rng;
+  const std::int64_t* counts;
+};
+
+template <class Est, int Width, class T, class GG, class GL>
+__global__ void __launch_bounds__(256) backward_kernel(const backward_args<T, GG, GL> a) {
+  using M = math_t<T>;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  const warp_lanes<Width> lanes = warp_lanes<Width>::make();
+  const index_t groups = blockDim.x / Width;
+  const index_t stride = static_cast<index_t>(gridDim.x) * groups;
+  M* scratch = reinterpret_cast<M*>(shared_bytes) + (threadIdx.x / Width) * a.cols;
+  const token_params<M> params = params_of<M>(a.opt);
+  const M inv_rows = M(1) / static_cast<M>(a.rows);
+  const aux_gradient<M, device_count_fraction<M>> aux{
+      static_cast<M>(a.opt.load_balance_coef) * static_cast<M>(a.cols) * inv_rows,
+      M(2) * static_cast<M>(a.opt.z_loss_coef) * inv_rows,
+      {a.opt.load_balance_coef != 0.0 ? a.counts : nullptr,
+       M(1) / (static_cast<M>(a.rows) * static_cast<M>(a.opt.k))}};
+  for (index_t t = blockIdx.x * groups + threadIdx.x / Width; t < a.rows; t += stride) {
+    const auto row = make_row<Est, M>(a.logits, t, a.logit_stride0, a.logit_stride1, a.cols,
+                                      a.opt, a.rng);
+    const device_backward_slots<GG, M> slots{
+        a.experts + t * a.expert_stride0, a.expert_stride1,
+        a.coins ? a.coins + t * a.coin_stride0 : nullptr, a.coin_stride1,
+        a.grad_gates + t * a.grad_gate_stride0, a.grad_gate_stride1};
+    for (index_t i = lanes.lane(); i < a.cols; i += Width) scratch[i] = M(0);
+    // A state that names an expert or coin out of range (the CPU back end rejects it with a
+    // status; here that would need a synchronisation) gets a zero gradient row.
+    bool valid_state = true;
+    for (int j = 0; j < a.opt.k; ++j) {
+      const index_t e = slots.expert(j);
+      if (e < 0 || e >= a.cols || slots.coin(j) > Est::rule::num_nodes) valid_state = false;
+    }
+    if (valid_state) {
+      shared_grad<M> acc{scratch};
+      token_backward<Est, M>(lanes, row, slots, acc, params, aux);
+    }
+    GL* out = a.grad_logits + t * a.grad_stride0;
+    for (index_t i = lanes.lane(); i < a.cols; i += Width) {
+      GL& o = out[i * a.grad_stride1];
+      o = from_math<GL>(a.accumulate ? to_math<M>(o) + scratch[i] : scratch[i]);
+    }
+  }
+}
+
+/// Loss sums, phase 1: block b sums, over its fixed range of tokens in token order, the unmasked
+/// softmax column of every expert and logsumexp² (rows that cannot be routed are left out).
+/// partial[b * (E + 1) + e] = Σ_t p_{t,e}; partial[b * (E + 1) + E] = Σ_t lse_t².
+template <class Est, int Width, class T>
+__global__ void __launch_bounds__(256) loss_partials_kernel(const T* logits, index_t rows,
+                                                            index_t cols, index_t s0, index_t s1,
+                                                            routing_options opt, rng_stream rng,
+                                                            double* partial) {
+  using M = math_t<T>;
+  __shared__ M row_max[stats_block_tokens];
+  __shared__ M row_norm[stats_block_tokens];
+  __shared__ bool row_ok[stats_block_tokens];
+  const warp_lanes<Width> lanes = warp_lanes<Width>::make();
+  const index_t first = static_cast<index_t>(blockIdx.x) * stats_block_tokens;
+  const index_t count = rows - first < stats_block_tokens ? rows - first : stats_block_tokens;
+  const index_t groups = blockDim.x / Width;
+  for (index_t r = threadIdx.x / Width; r < count; r += groups) {
+    const auto row = make_row<Est, M>(logits, first + r, s0, s1, cols, opt, rng);
+    const row_summary<M> summary = summarize_row<M>(lanes, row);
+    slot_softmax<M> c{M(0), M(1)};
+    if (summary.routable) c = clean_softmax<Est, M>(lanes, row, summary.top.value);
+    if (lanes.lane() == 0) {
+      row_ok[r] = summary.routable;
+      row_max[r] = c.max;
+      row_norm[r] = c.norm;
+    }
+  }
+  __syncthreads();
+  double* out = partial + static_cast<index_t>(blockIdx.x) * (cols + 1);
+  for (index_t e = threadIdx.x; e < cols; e += blockDim.x) {
+    double s = 0.0;
+    for (index_t r = 0; r < count; ++r)
+      if (row_ok[r])
+        s += static_cast<double>(
+            math::exp(to_math<M>(logits[(first + r) * s0 + e * s1]) - row_max[r]) / row_norm[r]);
+    out[e] = s;
+  }
+  if (threadIdx.x == 0) {
+    double s = 0.0;
+    for (index_t r = 0; r < count; ++r)
+      if (row_ok[r]) {
+        const double lse = static_cast<double>(row_max[r] + math::log(row_norm[r]));
+        s += lse * lse;
+      }
+    out[cols] = s;
+  }
+}
+
+/// Loss sums, phase 2 (one block): combine the partials in block order and write the losses.
+__global__ void __launch_bounds__(256) loss_finish_kernel(double* partial, index_t blocks,
+                                                          index_t rows, index_t cols, int k,
+                                                          double alpha, double beta,
+                                                          const std::int64_t* counts,
+                                                          double* load_balance_loss,
+                                                          double* z_loss) {
+  for (index_t e = threadIdx.x; e <= cols; e += blockDim.x) {
+    double s = 0.0;
+    for (index_t b = 0; b < blocks; ++b) s += partial[b * (cols + 1) + e];
+    partial[e] = s;  // column e of block 0 is read only by this thread
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    if (load_balance_loss) {
+      double loss = 0.0;
+      for (index_t e = 0; e < cols; ++e)
+        loss += static_cast<double>(counts[e]) / (static_cast<double>(rows) * k) *
+                (partial[e] / static_cast<double>(rows));
+      *load_balance_loss = alpha * static_cast<double>(cols) * loss;
+    }
+    if (z_loss) *z_loss = beta * partial[cols] / static_cast<double>(rows);
+  }
+}
+
+}  // namespace routegrad::cuda::detail
