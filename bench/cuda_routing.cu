@@ -51,8 +51,10 @@ double copy_bandwidth() {
 
 template <class T>
 T convert(float x) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(x);
-  else return static_cast<T>(x);
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    return __float2bfloat16_rn(x);
+  else
+    return static_cast<T>(x);
 }
 
 enum class phase { forward, backward, both };
@@ -87,8 +89,11 @@ void BM_routing(benchmark::State& state, phase what) {
   opt.k = k;
   const device_view<const T, 2> z(logits, {rows, cols});
   cuda::device_routing_state st{device_view<std::int32_t, 2>(experts, {rows, k}),
-                                device_view<std::uint8_t, 2>(coins, {rows, k}), {7, 0, 0}};
-  auto fwd = [&] { check(route_forward<Est>(opt, z, st, device_view<float, 2>(gates, {rows, k}))); };
+                                device_view<std::uint8_t, 2>(coins, {rows, k}),
+                                {7, 0, 0}};
+  auto fwd = [&] {
+    check(route_forward<Est>(opt, z, st, device_view<float, 2>(gates, {rows, k})));
+  };
   auto bwd = [&] {
     check(route_backward<Est>(opt, z, st, device_view<const float, 2>(grad_gates, {rows, k}),
                               device_view<T, 2>(grad, {rows, cols})));
@@ -139,7 +144,8 @@ void BM_copy_floor(benchmark::State& state) {
 
 void sizes(benchmark::internal::Benchmark* b) {
   b->UseManualTime()->Unit(benchmark::kMicrosecond);
-  for (auto te : {std::pair<int, int>{4096, 8}, {32768, 8}, {32768, 64}, {131072, 64}, {131072, 128}})
+  for (auto te :
+       {std::pair<int, int>{4096, 8}, {32768, 8}, {32768, 64}, {131072, 64}, {131072, 128}})
     b->Args({te.first, te.second, 1});
 }
 void sizes_top2(benchmark::internal::Benchmark* b) {
@@ -150,7 +156,8 @@ void sizes_top2(benchmark::internal::Benchmark* b) {
 
 template <class Est, class T>
 void add(const char* name, phase what, void (*shape)(benchmark::internal::Benchmark*)) {
-  shape(benchmark::RegisterBenchmark(name, [what](benchmark::State& st) { BM_routing<Est, T>(st, what); }));
+  shape(benchmark::RegisterBenchmark(
+      name, [what](benchmark::State& st) { BM_routing<Est, T>(st, what); }));
 }
 
 const bool registered = [] {

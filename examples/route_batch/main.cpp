@@ -31,13 +31,19 @@ settings parse(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (a == "--tokens") s.tokens = std::atoi(next());
-    else if (a == "--experts") s.experts = std::atoi(next());
-    else if (a == "--k") s.k = std::atoi(next());
-    else if (a == "--seed") s.seed = std::strtoull(next(), nullptr, 10);
-    else if (a == "--eval") s.eval = true;
+    if (a == "--tokens")
+      s.tokens = std::atoi(next());
+    else if (a == "--experts")
+      s.experts = std::atoi(next());
+    else if (a == "--k")
+      s.k = std::atoi(next());
+    else if (a == "--seed")
+      s.seed = std::strtoull(next(), nullptr, 10);
+    else if (a == "--eval")
+      s.eval = true;
     else {
-      std::fprintf(stderr, "usage: route_batch [--tokens T] [--experts E] [--k K] [--seed S] [--eval]\n");
+      std::fprintf(stderr,
+                   "usage: route_batch [--tokens T] [--experts E] [--k K] [--seed S] [--eval]\n");
       std::exit(a == "--help" ? 0 : 2);
     }
   }
@@ -61,8 +67,8 @@ void route_and_print(const char* name, const settings& s, const std::vector<floa
   opt.mode = s.eval ? routing_mode::eval : routing_mode::train;
   opt.load_balance_coef = 0.01;
   opt.z_loss_coef = 0.001;
-  const host_routing_state state{host_matrix(experts.data(), T, s.k),
-                                 host_matrix(coins.data(), T, s.k), {s.seed, 0, 0}};
+  const host_routing_state state{
+      host_matrix(experts.data(), T, s.k), host_matrix(coins.data(), T, s.k), {s.seed, 0, 0}};
   const host_routing_stats stats{counts.data(), &lb_loss, &z_loss, &unroutable};
   const auto z = host_matrix(logits.data(), T, E);
   check(route_forward<Estimator>(opt, z, state, host_matrix(gates.data(), T, s.k), stats));

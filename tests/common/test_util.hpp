@@ -14,6 +14,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <sstream>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -22,6 +23,14 @@
 #include <routegrad/routegrad.hpp>
 
 namespace routegrad::test {
+
+/// Concatenates its arguments through a stream (for INFO / CAPTURE labels).
+template <class... A>
+std::string cat(const A&... a) {
+  std::ostringstream os;
+  (os << ... << a);
+  return os.str();
+}
 
 // ---------------------------------------------------------------------------------------------
 // Estimators
@@ -34,12 +43,18 @@ struct estimator_tag {
 
 template <class Est>
 inline const char* estimator_name() {
-  if constexpr (std::is_same_v<Est, switch_router>) return "switch";
-  else if constexpr (std::is_same_v<Est, topk_softmax>) return "topk_softmax";
-  else if constexpr (std::is_same_v<Est, sparsemixer_euler>) return "sparsemixer_euler";
-  else if constexpr (std::is_same_v<Est, sparsemixer_midpoint>) return "sparsemixer_midpoint";
-  else if constexpr (std::is_same_v<Est, sparsemixer_heun3>) return "sparsemixer_heun3";
-  else return "other";
+  if constexpr (std::is_same_v<Est, switch_router>)
+    return "switch";
+  else if constexpr (std::is_same_v<Est, topk_softmax>)
+    return "topk_softmax";
+  else if constexpr (std::is_same_v<Est, sparsemixer_euler>)
+    return "sparsemixer_euler";
+  else if constexpr (std::is_same_v<Est, sparsemixer_midpoint>)
+    return "sparsemixer_midpoint";
+  else if constexpr (std::is_same_v<Est, sparsemixer_heun3>)
+    return "sparsemixer_heun3";
+  else
+    return "other";
 }
 
 /// Calls f(estimator_tag<Est>{}) for every estimator the library ships.
@@ -140,7 +155,9 @@ struct routing_batch {
     counts.assign(static_cast<std::size_t>(cols), -1);
   }
 
-  host_view<const T, 2> logits_view() const { return host_matrix<const T>(logits.data(), rows, cols); }
+  host_view<const T, 2> logits_view() const {
+    return host_matrix<const T>(logits.data(), rows, cols);
+  }
   host_routing_state state() {
     host_routing_state s;
     s.experts = host_matrix(experts.data(), rows, k);
@@ -159,18 +176,20 @@ struct routing_batch {
 
   template <class Est>
   status forward(const routing_options& opt, const cpu::execution& exec = {}) {
-    return routegrad::route_forward<Est>(opt, logits_view(), state(), host_matrix(gates.data(), rows, k),
-                              stats(), exec);
+    return routegrad::route_forward<Est>(opt, logits_view(), state(),
+                                         host_matrix(gates.data(), rows, k), stats(), exec);
   }
   template <class Est>
   status backward(const routing_options& opt, grad_mode mode = grad_mode::overwrite,
                   const cpu::execution& exec = {}) {
-    return routegrad::route_backward<Est>(opt, logits_view(), state(),
-                               host_matrix<const T>(grad_gates.data(), rows, k),
-                               host_matrix(grad_logits.data(), rows, cols), mode, stats(), exec);
+    return routegrad::route_backward<Est>(
+        opt, logits_view(), state(), host_matrix<const T>(grad_gates.data(), rows, k),
+        host_matrix(grad_logits.data(), rows, cols), mode, stats(), exec);
   }
 
-  std::int32_t expert(index_t t, int j) const { return experts[static_cast<std::size_t>(t * k + j)]; }
+  std::int32_t expert(index_t t, int j) const {
+    return experts[static_cast<std::size_t>(t * k + j)];
+  }
   int coin(index_t t, int j) const { return coins[static_cast<std::size_t>(t * k + j)]; }
   T gate(index_t t, int j) const { return gates[static_cast<std::size_t>(t * k + j)]; }
   T logit(index_t t, index_t e) const { return logits[static_cast<std::size_t>(t * cols + e)]; }
@@ -190,7 +209,7 @@ struct routing_result {
   std::int64_t nonfinite_rows;
 
   static routing_result of(const routing_batch<T>& b) {
-    return {b.experts, b.coins, b.gates, b.grad_logits, b.counts,
+    return {b.experts,           b.coins,  b.gates,         b.grad_logits, b.counts,
             b.load_balance_loss, b.z_loss, b.nonfinite_rows};
   }
 };
@@ -266,7 +285,9 @@ inline std::vector<int> spec_top_k(const dvec& z, int k) {
 template <class T>
 dvec row_as_double(const std::vector<T>& logits, index_t cols, index_t t) {
   dvec z(static_cast<std::size_t>(cols));
-  for (index_t e = 0; e < cols; ++e) z[static_cast<std::size_t>(e)] = static_cast<double>(logits[static_cast<std::size_t>(t * cols + e)]);
+  for (index_t e = 0; e < cols; ++e)
+    z[static_cast<std::size_t>(e)] =
+        static_cast<double>(logits[static_cast<std::size_t>(t * cols + e)]);
   return z;
 }
 
@@ -274,11 +295,14 @@ dvec row_as_double(const std::vector<T>& logits, index_t cols, index_t t) {
 /// "gates" does not match "grad_gates").
 inline bool names_argument(const char* message, const std::string& name) {
   const std::string m = message ? message : "";
-  auto ident = [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '.'; };
+  auto ident = [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '.';
+  };
   for (std::size_t pos = m.find(name); pos != std::string::npos; pos = m.find(name, pos + 1)) {
     const bool left = pos == 0 || !ident(m[pos - 1]);
     const std::size_t end = pos + name.size();
-    const bool right = end >= m.size() || !(std::isalnum(static_cast<unsigned char>(m[end])) || m[end] == '_');
+    const bool right =
+        end >= m.size() || !(std::isalnum(static_cast<unsigned char>(m[end])) || m[end] == '_');
     if (left && right) return true;
   }
   return false;

@@ -47,16 +47,22 @@ struct matrix {
 
 template <class Est>
 ref::kind kind_of() {
-  if constexpr (std::is_same_v<Est, switch_router>) return ref::kind::switch_;
-  else if constexpr (std::is_same_v<Est, topk_softmax>) return ref::kind::topk_softmax;
-  else return ref::kind::sparsemixer;
+  if constexpr (std::is_same_v<Est, switch_router>)
+    return ref::kind::switch_;
+  else if constexpr (std::is_same_v<Est, topk_softmax>)
+    return ref::kind::topk_softmax;
+  else
+    return ref::kind::sparsemixer;
 }
 
 template <class Est>
 ref::rule rule_of() {
-  if constexpr (std::is_same_v<Est, sparsemixer_midpoint>) return ref::midpoint_rule();
-  else if constexpr (std::is_same_v<Est, sparsemixer_heun3>) return ref::heun3_rule();
-  else return ref::euler_rule();
+  if constexpr (std::is_same_v<Est, sparsemixer_midpoint>)
+    return ref::midpoint_rule();
+  else if constexpr (std::is_same_v<Est, sparsemixer_heun3>)
+    return ref::heun3_rule();
+  else
+    return ref::euler_rule();
 }
 
 template <class T>
@@ -72,7 +78,8 @@ void fill_logits(matrix<T>& z, std::mt19937_64& gen, double centre) {
   std::normal_distribution<double> far(0.0, 1.5);
   std::uniform_real_distribution<double> pick(0.0, 1.0);
   for (index_t t = 0; t < z.rows; ++t)
-    for (index_t e = 0; e < z.cols; ++e) z.at(t, e) = static_cast<T>(pick(gen) < 0.7 ? near(gen) : far(gen));
+    for (index_t e = 0; e < z.cols; ++e)
+      z.at(t, e) = static_cast<T>(pick(gen) < 0.7 ? near(gen) : far(gen));
 }
 
 struct case_params {
@@ -137,7 +144,8 @@ void check_against_reference(const case_params& c, std::uint64_t seed) {
       ref::token_args b = a;
       b.chosen.clear();
       const ref::token_forward expect = ref::forward(b);
-      for (int j = 0; j < k; ++j) CHECK(a.chosen[static_cast<std::size_t>(j)] == expect.experts[static_cast<std::size_t>(j)]);
+      for (int j = 0; j < k; ++j)
+        CHECK(a.chosen[static_cast<std::size_t>(j)] == expect.experts[static_cast<std::size_t>(j)]);
     }
     const ref::token_forward fw = ref::forward(a);
     for (int j = 0; j < k; ++j) {
@@ -149,13 +157,15 @@ void check_against_reference(const case_params& c, std::uint64_t seed) {
         if (a.chosen[sj] == fw.slots[sj].argmax) CHECK(coins.at(t, j) == 0);
         if (c.mode == routing_mode::eval) CHECK(a.chosen[sj] == fw.slots[sj].argmax);
       }
-      CHECK(static_cast<double>(gates.at(t, j)) == doctest::Approx(fw.gates[sj]).epsilon(tol).scale(1.0));
+      CHECK(static_cast<double>(gates.at(t, j)) ==
+            doctest::Approx(fw.gates[sj]).epsilon(tol).scale(1.0));
     }
     ref::vec G;
     for (int j = 0; j < k; ++j) G.push_back(static_cast<double>(grad_gates.at(t, j)));
     const ref::vec dz = ref::backward(a, G);
     for (index_t e = 0; e < E; ++e)
-      CHECK(static_cast<double>(grad_z.at(t, e)) == doctest::Approx(dz[static_cast<std::size_t>(e)]).epsilon(tol).scale(1.0));
+      CHECK(static_cast<double>(grad_z.at(t, e)) ==
+            doctest::Approx(dz[static_cast<std::size_t>(e)]).epsilon(tol).scale(1.0));
   }
 }
 
@@ -212,12 +222,15 @@ TEST_CASE("estimators: a user-supplied quadrature rule changes only the scale") 
   routing_options opt;
   opt.k = k;
   const rng_stream rng{4, 4, 0};
-  REQUIRE(route_forward<sparsemixer_heun3>(opt, host_matrix<const double>(z.data(), T, E),
-                                           {host_matrix(e1.data(), T, k), host_matrix(c1.data(), T, k), rng},
-                                           host_matrix(g1.data(), T, k)).is_ok());
+  REQUIRE(route_forward<sparsemixer_heun3>(
+              opt, host_matrix<const double>(z.data(), T, E),
+              {host_matrix(e1.data(), T, k), host_matrix(c1.data(), T, k), rng},
+              host_matrix(g1.data(), T, k))
+              .is_ok());
   REQUIRE(route_forward<sparsemixer<published_heun3>>(
               opt, host_matrix<const double>(z.data(), T, E),
-              {host_matrix(e2.data(), T, k), host_matrix(c2.data(), T, k), rng}, host_matrix(g2.data(), T, k))
+              {host_matrix(e2.data(), T, k), host_matrix(c2.data(), T, k), rng},
+              host_matrix(g2.data(), T, k))
               .is_ok());
   int reduced = 0;
   for (std::size_t i = 0; i < e1.size(); ++i) {
@@ -233,7 +246,8 @@ TEST_CASE("estimators: a user-supplied quadrature rule changes only the scale") 
   CHECK(reduced > 50);
 }
 
-TEST_CASE_TEMPLATE("estimators: replaying a hand-built state gives the SPEC gradient", T, float, double) {
+TEST_CASE_TEMPLATE("estimators: replaying a hand-built state gives the SPEC gradient", T, float,
+                   double) {
   // Decisions made elsewhere: any candidate of each slot, any coin. The backward must equal the
   // reference formula for those choices and coins (the coin matters only with renormalisation).
   const index_t T_rows = 50, E = 9;
@@ -256,7 +270,8 @@ TEST_CASE_TEMPLATE("estimators: replaying a hand-built state gives the SPEC grad
       a.k = k;
       a.eps = 0.1;
       a.renormalize = renorm;
-      for (index_t e = 0; e < E; ++e) a.z.push_back(static_cast<double>(z[static_cast<std::size_t>(t * E + e)]));
+      for (index_t e = 0; e < E; ++e)
+        a.z.push_back(static_cast<double>(z[static_cast<std::size_t>(t * E + e)]));
       for (int j = 0; j < k; ++j) {
         const ref::index_set cand = ref::slot_candidates(a.z, a.eps, a.chosen);
         std::vector<int> options;
@@ -271,19 +286,22 @@ TEST_CASE_TEMPLATE("estimators: replaying a hand-built state gives the SPEC grad
         coins[static_cast<std::size_t>(t * k + j)] = static_cast<std::uint8_t>(coin);
       }
     }
-    std::vector<T> grad_z(static_cast<std::size_t>(T_rows * E), std::numeric_limits<T>::quiet_NaN());
+    std::vector<T> grad_z(static_cast<std::size_t>(T_rows * E),
+                          std::numeric_limits<T>::quiet_NaN());
     routing_options opt;
     opt.k = k;
     opt.renormalize = renorm;
-    const host_routing_state state{host_matrix(experts.data(), T_rows, k), host_matrix(coins.data(), T_rows, k),
-                                   {0, 0, 0}};
-    REQUIRE(route_backward<sparsemixer_midpoint>(opt, host_matrix<const T>(z.data(), T_rows, E), state,
+    const host_routing_state state{
+        host_matrix(experts.data(), T_rows, k), host_matrix(coins.data(), T_rows, k), {0, 0, 0}};
+    REQUIRE(route_backward<sparsemixer_midpoint>(opt, host_matrix<const T>(z.data(), T_rows, E),
+                                                 state,
                                                  host_matrix<const T>(grad_gates.data(), T_rows, k),
                                                  host_matrix(grad_z.data(), T_rows, E))
                 .is_ok());
     for (index_t t = 0; t < T_rows; ++t) {
       ref::vec G;
-      for (int j = 0; j < k; ++j) G.push_back(static_cast<double>(grad_gates[static_cast<std::size_t>(t * k + j)]));
+      for (int j = 0; j < k; ++j)
+        G.push_back(static_cast<double>(grad_gates[static_cast<std::size_t>(t * k + j)]));
       const ref::vec dz = ref::backward(args[static_cast<std::size_t>(t)], G);
       for (index_t e = 0; e < E; ++e)
         CHECK(static_cast<double>(grad_z[static_cast<std::size_t>(t * E + e)]) ==
@@ -292,7 +310,8 @@ TEST_CASE_TEMPLATE("estimators: replaying a hand-built state gives the SPEC grad
   }
 }
 
-TEST_CASE_TEMPLATE("estimators: fused load-balancing and z-loss match the SPEC reference", T, float, double) {
+TEST_CASE_TEMPLATE("estimators: fused load-balancing and z-loss match the SPEC reference", T, float,
+                   double) {
   const index_t T_rows = 300, E = 7;  // T spans two reduction blocks, not a multiple of either
   const int k = 2;
   const double alpha = 0.37, beta = 0.011;
@@ -311,19 +330,24 @@ TEST_CASE_TEMPLATE("estimators: fused load-balancing and z-loss match the SPEC r
   opt.k = k;
   opt.load_balance_coef = alpha;
   opt.z_loss_coef = beta;
-  const host_routing_state state{host_matrix(experts.data(), T_rows, k), host_matrix(coins.data(), T_rows, k),
-                                 {8, 0, 0}};
+  const host_routing_state state{
+      host_matrix(experts.data(), T_rows, k), host_matrix(coins.data(), T_rows, k), {8, 0, 0}};
   const host_routing_stats stats{counts.data(), &lb, &zl, &bad};
   const auto logits = host_matrix<const T>(z.data(), T_rows, E);
-  REQUIRE(route_forward<sparsemixer_heun3>(opt, logits, state, host_matrix(gates.data(), T_rows, k), stats).is_ok());
+  REQUIRE(route_forward<sparsemixer_heun3>(opt, logits, state, host_matrix(gates.data(), T_rows, k),
+                                           stats)
+              .is_ok());
   // Gate gradients are zero: the logit gradient is the auxiliary losses' alone.
-  REQUIRE(route_backward<sparsemixer_heun3>(opt, logits, state, host_matrix<const T>(grad_gates.data(), T_rows, k),
-                                            host_matrix(grad_z.data(), T_rows, E), grad_mode::overwrite, stats)
+  REQUIRE(route_backward<sparsemixer_heun3>(
+              opt, logits, state, host_matrix<const T>(grad_gates.data(), T_rows, k),
+              host_matrix(grad_z.data(), T_rows, E), grad_mode::overwrite, stats)
               .is_ok());
   ref::vec zd(z.begin(), z.end());
   const std::vector<int> chosen(experts.begin(), experts.end());
-  const ref::loss_and_grad lbr = ref::load_balancing_loss(zd, static_cast<int>(T_rows), static_cast<int>(E), chosen, k, alpha);
-  const ref::loss_and_grad zlr = ref::z_loss(zd, static_cast<int>(T_rows), static_cast<int>(E), beta);
+  const ref::loss_and_grad lbr =
+      ref::load_balancing_loss(zd, static_cast<int>(T_rows), static_cast<int>(E), chosen, k, alpha);
+  const ref::loss_and_grad zlr =
+      ref::z_loss(zd, static_cast<int>(T_rows), static_cast<int>(E), beta);
   CHECK(bad == 0);
   std::int64_t total = 0;
   for (index_t e = 0; e < E; ++e) {
@@ -336,15 +360,20 @@ TEST_CASE_TEMPLATE("estimators: fused load-balancing and z-loss match the SPEC r
   CHECK(lb == doctest::Approx(lbr.value).epsilon(tolerance<T>()));
   CHECK(zl == doctest::Approx(zlr.value).epsilon(tolerance<T>()));
   for (std::size_t i = 0; i < grad_z.size(); ++i)
-    CHECK(static_cast<double>(grad_z[i]) == doctest::Approx(lbr.grad[i] + zlr.grad[i]).epsilon(tolerance<T>()).scale(1e-3));
+    CHECK(static_cast<double>(grad_z[i]) ==
+          doctest::Approx(lbr.grad[i] + zlr.grad[i]).epsilon(tolerance<T>()).scale(1e-3));
 
   // Accumulate mode adds the same gradient on top of what is there.
   std::vector<T> before(grad_z.size());
-  for (std::size_t i = 0; i < before.size(); ++i) before[i] = static_cast<T>(static_cast<double>(i % 13) - 6.0);
+  for (std::size_t i = 0; i < before.size(); ++i)
+    before[i] = static_cast<T>(static_cast<double>(i % 13) - 6.0);
   std::vector<T> acc = before;
-  REQUIRE(route_backward<sparsemixer_heun3>(opt, logits, state, host_matrix<const T>(grad_gates.data(), T_rows, k),
-                                            host_matrix(acc.data(), T_rows, E), grad_mode::accumulate, stats)
+  REQUIRE(route_backward<sparsemixer_heun3>(
+              opt, logits, state, host_matrix<const T>(grad_gates.data(), T_rows, k),
+              host_matrix(acc.data(), T_rows, E), grad_mode::accumulate, stats)
               .is_ok());
   for (std::size_t i = 0; i < acc.size(); ++i)
-    CHECK(static_cast<double>(acc[i]) == doctest::Approx(static_cast<double>(before[i]) + static_cast<double>(grad_z[i])).epsilon(tolerance<T>()));
+    CHECK(static_cast<double>(acc[i]) ==
+          doctest::Approx(static_cast<double>(before[i]) + static_cast<double>(grad_z[i]))
+              .epsilon(tolerance<T>()));
 }

@@ -45,15 +45,21 @@ struct device_buffer {
 
 template <class T>
 double to_double(T x) {
-  if constexpr (std::is_same_v<T, __half>) return static_cast<double>(__half2float(x));
-  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return static_cast<double>(__bfloat162float(x));
-  else return static_cast<double>(x);
+  if constexpr (std::is_same_v<T, __half>)
+    return static_cast<double>(__half2float(x));
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    return static_cast<double>(__bfloat162float(x));
+  else
+    return static_cast<double>(x);
 }
 template <class T>
 T from_double(double x) {
-  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(static_cast<float>(x));
-  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(static_cast<float>(x));
-  else return static_cast<T>(x);
+  if constexpr (std::is_same_v<T, __half>)
+    return __float2half_rn(static_cast<float>(x));
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    return __float2bfloat16_rn(static_cast<float>(x));
+  else
+    return static_cast<T>(x);
 }
 template <class T>
 T poison() {
@@ -63,23 +69,33 @@ T poison() {
 /// Relative tolerance of a value stored as T and computed in float.
 template <class T>
 double tolerance() {
-  if constexpr (std::is_same_v<T, double>) return 1e-10;
-  else if constexpr (std::is_same_v<T, float>) return 2e-5;
-  else if constexpr (std::is_same_v<T, __half>) return 2e-3;
-  else return 1.6e-2;  // bf16: 8 bits of mantissa
+  if constexpr (std::is_same_v<T, double>)
+    return 1e-10;
+  else if constexpr (std::is_same_v<T, float>)
+    return 2e-5;
+  else if constexpr (std::is_same_v<T, __half>)
+    return 2e-3;
+  else
+    return 1.6e-2;  // bf16: 8 bits of mantissa
 }
 
 template <class Est>
 ref::kind kind_of() {
-  if constexpr (std::is_same_v<Est, switch_router>) return ref::kind::switch_;
-  else if constexpr (std::is_same_v<Est, topk_softmax>) return ref::kind::topk_softmax;
-  else return ref::kind::sparsemixer;
+  if constexpr (std::is_same_v<Est, switch_router>)
+    return ref::kind::switch_;
+  else if constexpr (std::is_same_v<Est, topk_softmax>)
+    return ref::kind::topk_softmax;
+  else
+    return ref::kind::sparsemixer;
 }
 template <class Est>
 ref::rule rule_of() {
-  if constexpr (std::is_same_v<Est, sparsemixer_midpoint>) return ref::midpoint_rule();
-  else if constexpr (std::is_same_v<Est, sparsemixer_heun3>) return ref::heun3_rule();
-  else return ref::euler_rule();
+  if constexpr (std::is_same_v<Est, sparsemixer_midpoint>)
+    return ref::midpoint_rule();
+  else if constexpr (std::is_same_v<Est, sparsemixer_heun3>)
+    return ref::heun3_rule();
+  else
+    return ref::euler_rule();
 }
 
 struct case_spec {
@@ -112,7 +128,8 @@ void check_case(const case_spec& c, std::uint64_t seed) {
   std::vector<T> logits(static_cast<std::size_t>(T_rows * ld + 1), from_double<T>(-123.0));
   for (index_t t = 0; t < T_rows; ++t)
     for (index_t e = 0; e < E; ++e)
-      logits[static_cast<std::size_t>(t * ld + e)] = from_double<T>(pick(gen) < 0.7 ? near(gen) : far(gen));
+      logits[static_cast<std::size_t>(t * ld + e)] =
+          from_double<T>(pick(gen) < 0.7 ? near(gen) : far(gen));
   // State and gates: column-major when strided.
   const auto at_k = [&](index_t t, int j) -> std::size_t {
     return static_cast<std::size_t>(c.strided ? j * T_rows + t : t * k + j);
@@ -123,9 +140,12 @@ void check_case(const case_spec& c, std::uint64_t seed) {
   for (float& g : grad_gates) g = static_cast<float>(normal(gen));
 
   device_buffer<T> d_logits(logits);
-  device_buffer<std::int32_t> d_experts(std::vector<std::int32_t>(static_cast<std::size_t>(T_rows * k), -99));
-  device_buffer<std::uint8_t> d_coins(std::vector<std::uint8_t>(static_cast<std::size_t>(T_rows * k), 0xEE));
-  device_buffer<float> d_gates(std::vector<float>(static_cast<std::size_t>(T_rows * k), std::nanf("")));
+  device_buffer<std::int32_t> d_experts(
+      std::vector<std::int32_t>(static_cast<std::size_t>(T_rows * k), -99));
+  device_buffer<std::uint8_t> d_coins(
+      std::vector<std::uint8_t>(static_cast<std::size_t>(T_rows * k), 0xEE));
+  device_buffer<float> d_gates(
+      std::vector<float>(static_cast<std::size_t>(T_rows * k), std::nanf("")));
   device_buffer<float> d_grad_gates(grad_gates);
   device_buffer<T> d_grad(std::vector<T>(static_cast<std::size_t>(T_rows * ld + 1), poison<T>()));
   device_buffer<std::int64_t> d_counts(std::vector<std::int64_t>(static_cast<std::size_t>(E), -5));
@@ -140,15 +160,21 @@ void check_case(const case_spec& c, std::uint64_t seed) {
   opt.z_loss_coef = c.beta;
   const rng_stream rng{seed, 17, 1000};
   const device_view<const T, 2> z(d_logits.ptr, {T_rows, E}, {ld, 1});
-  const cuda::device_routing_state state{device_view<std::int32_t, 2>(d_experts.ptr, {T_rows, k}, {ks0, ks1}),
-                                         device_view<std::uint8_t, 2>(d_coins.ptr, {T_rows, k}, {ks0, ks1}), rng};
+  const cuda::device_routing_state state{
+      device_view<std::int32_t, 2>(d_experts.ptr, {T_rows, k}, {ks0, ks1}),
+      device_view<std::uint8_t, 2>(d_coins.ptr, {T_rows, k}, {ks0, ks1}), rng};
   const cuda::device_routing_stats stats{d_counts.ptr, d_losses.ptr, d_losses.ptr + 1, d_bad.ptr};
   cudaStream_t stream = nullptr;
   RG_CUDA_REQUIRE(cudaStreamCreate(&stream));
   const cuda::execution exec{stream, nullptr, 0};
-  REQUIRE(route_forward<Est>(opt, z, state, device_view<float, 2>(d_gates.ptr, {T_rows, k}, {ks0, ks1}), stats, exec).is_ok());
-  REQUIRE(route_backward<Est>(opt, z, state, device_view<const float, 2>(d_grad_gates.ptr, {T_rows, k}, {ks0, ks1}),
-                              device_view<T, 2>(d_grad.ptr, {T_rows, E}, {ld, 1}), grad_mode::overwrite, stats, exec)
+  REQUIRE(route_forward<Est>(opt, z, state,
+                             device_view<float, 2>(d_gates.ptr, {T_rows, k}, {ks0, ks1}), stats,
+                             exec)
+              .is_ok());
+  REQUIRE(route_backward<Est>(
+              opt, z, state, device_view<const float, 2>(d_grad_gates.ptr, {T_rows, k}, {ks0, ks1}),
+              device_view<T, 2>(d_grad.ptr, {T_rows, E}, {ld, 1}), grad_mode::overwrite, stats,
+              exec)
               .is_ok());
   RG_CUDA_REQUIRE(cudaStreamSynchronize(stream));
   RG_CUDA_REQUIRE(cudaGetLastError());
@@ -163,7 +189,8 @@ void check_case(const case_spec& c, std::uint64_t seed) {
 
   // Padding of the gradient rows is never written.
   for (index_t t = 0; t < T_rows; ++t)
-    for (index_t e = E; e < ld; ++e) CHECK(std::isnan(to_double(grad[static_cast<std::size_t>(t * ld + e)])));
+    for (index_t e = E; e < ld; ++e)
+      CHECK(std::isnan(to_double(grad[static_cast<std::size_t>(t * ld + e)])));
 
   const double tol = tolerance<T>();
   index_t boundary = 0;  // tokens whose float mask or order disagrees with double (rounding)
@@ -172,9 +199,12 @@ void check_case(const case_spec& c, std::uint64_t seed) {
     for (int j = 0; j < k; ++j) all_chosen.push_back(experts[at_k(t, j)]);
   ref::vec dense_logits;
   for (index_t t = 0; t < T_rows; ++t)
-    for (index_t e = 0; e < E; ++e) dense_logits.push_back(to_double(logits[static_cast<std::size_t>(t * ld + e)]));
-  const ref::loss_and_grad lb = ref::load_balancing_loss(dense_logits, static_cast<int>(T_rows), static_cast<int>(E), all_chosen, k, c.alpha);
-  const ref::loss_and_grad zl = ref::z_loss(dense_logits, static_cast<int>(T_rows), static_cast<int>(E), c.beta);
+    for (index_t e = 0; e < E; ++e)
+      dense_logits.push_back(to_double(logits[static_cast<std::size_t>(t * ld + e)]));
+  const ref::loss_and_grad lb = ref::load_balancing_loss(
+      dense_logits, static_cast<int>(T_rows), static_cast<int>(E), all_chosen, k, c.alpha);
+  const ref::loss_and_grad zl =
+      ref::z_loss(dense_logits, static_cast<int>(T_rows), static_cast<int>(E), c.beta);
   if (c.alpha != 0.0) CHECK(losses[0] == doctest::Approx(lb.value).epsilon(1e-5));
   if (c.beta != 0.0) CHECK(losses[1] == doctest::Approx(zl.value).epsilon(1e-5));
 
@@ -182,7 +212,8 @@ void check_case(const case_spec& c, std::uint64_t seed) {
   {
     using H = std::conditional_t<std::is_same_v<T, double>, double, float>;
     std::vector<H> host_logits(static_cast<std::size_t>(T_rows * E));
-    for (std::size_t i = 0; i < host_logits.size(); ++i) host_logits[i] = static_cast<H>(dense_logits[i]);
+    for (std::size_t i = 0; i < host_logits.size(); ++i)
+      host_logits[i] = static_cast<H>(dense_logits[i]);
     std::vector<std::int32_t> cpu_experts(static_cast<std::size_t>(T_rows * k));
     std::vector<std::uint8_t> cpu_coins(cpu_experts.size());
     std::vector<float> cpu_gates(cpu_experts.size());
@@ -205,9 +236,11 @@ void check_case(const case_spec& c, std::uint64_t seed) {
     a.k = k;
     a.eps = opt.jitter_eps;
     a.renormalize = c.renormalize;
-    for (index_t e = 0; e < E; ++e) a.z.push_back(to_double(logits[static_cast<std::size_t>(t * ld + e)]));
+    for (index_t e = 0; e < E; ++e)
+      a.z.push_back(to_double(logits[static_cast<std::size_t>(t * ld + e)]));
     if (Est::noisy && c.mode == routing_mode::train)
-      for (index_t e = 0; e < E; ++e) a.noise.push_back(static_cast<double>(switch_noise<float>(rng, t, e, 0.1f)));
+      for (index_t e = 0; e < E; ++e)
+        a.noise.push_back(static_cast<double>(switch_noise<float>(rng, t, e, 0.1f)));
     bool in_range = true;
     for (int j = 0; j < k; ++j) {
       const int d = experts[at_k(t, j)];
@@ -224,7 +257,8 @@ void check_case(const case_spec& c, std::uint64_t seed) {
       const std::size_t sj = static_cast<std::size_t>(j);
       if (!fw.slots[sj].cand[static_cast<std::size_t>(a.chosen[sj])]) consistent = false;
       if (!Est::sampled || c.mode == routing_mode::eval)
-        if (a.chosen[sj] != (Est::per_slot_softmax ? fw.slots[sj].argmax : ref::top_k(fw.slots[0].pi, k)[sj]))
+        if (a.chosen[sj] !=
+            (Est::per_slot_softmax ? fw.slots[sj].argmax : ref::top_k(fw.slots[0].pi, k)[sj]))
           consistent = false;
     }
     if (!consistent) {
@@ -239,7 +273,8 @@ void check_case(const case_spec& c, std::uint64_t seed) {
     const ref::vec dz = ref::backward(a, G);
     for (index_t e = 0; e < E; ++e)
       CHECK(to_double(grad[static_cast<std::size_t>(t * ld + e)]) ==
-            doctest::Approx(dz[static_cast<std::size_t>(e)] + lb.grad[static_cast<std::size_t>(t * E + e)] +
+            doctest::Approx(dz[static_cast<std::size_t>(e)] +
+                            lb.grad[static_cast<std::size_t>(t * E + e)] +
                             zl.grad[static_cast<std::size_t>(t * E + e)])
                 .epsilon(tol)
                 .scale(1.0));
@@ -259,9 +294,12 @@ void check_case(const case_spec& c, std::uint64_t seed) {
   device_buffer<T> d_grad2(std::vector<T>(static_cast<std::size_t>(T_rows * ld + 1), poison<T>()));
   device_buffer<double> d_losses2(std::vector<double>(2, 0.0));
   const cuda::device_routing_stats stats2{d_counts.ptr, d_losses2.ptr, d_losses2.ptr + 1, nullptr};
-  REQUIRE(route_forward<Est>(opt, z, state, device_view<float, 2>(d_gates2.ptr, {T_rows, k}, {ks0, ks1}), stats2).is_ok());
-  REQUIRE(route_backward<Est>(opt, z, state, device_view<const float, 2>(d_grad_gates.ptr, {T_rows, k}, {ks0, ks1}),
-                              device_view<T, 2>(d_grad2.ptr, {T_rows, E}, {ld, 1}), grad_mode::overwrite, stats2)
+  REQUIRE(route_forward<Est>(opt, z, state,
+                             device_view<float, 2>(d_gates2.ptr, {T_rows, k}, {ks0, ks1}), stats2)
+              .is_ok());
+  REQUIRE(route_backward<Est>(
+              opt, z, state, device_view<const float, 2>(d_grad_gates.ptr, {T_rows, k}, {ks0, ks1}),
+              device_view<T, 2>(d_grad2.ptr, {T_rows, E}, {ld, 1}), grad_mode::overwrite, stats2)
               .is_ok());
   RG_CUDA_REQUIRE(cudaDeviceSynchronize());
   const std::vector<float> gates2 = d_gates2.download();

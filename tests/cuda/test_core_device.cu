@@ -65,10 +65,11 @@ TEST_CASE("cuda core: per-token forward in a kernel matches the CPU back end") {
   routing_options opt;
   opt.k = k;
   const rng_stream rng{11, 3, 0};
-  check(route_forward<sparsemixer_heun3>(
-      opt, host_matrix<const float>(z.data(), T, E),
-      host_routing_state{host_matrix(cpu_experts.data(), T, k), host_matrix(cpu_coins.data(), T, k), rng},
-      host_matrix(cpu_gates.data(), T, k)));
+  check(
+      route_forward<sparsemixer_heun3>(opt, host_matrix<const float>(z.data(), T, E),
+                                       host_routing_state{host_matrix(cpu_experts.data(), T, k),
+                                                          host_matrix(cpu_coins.data(), T, k), rng},
+                                       host_matrix(cpu_gates.data(), T, k)));
 
   float* d_z = nullptr;
   std::int32_t* d_experts = nullptr;

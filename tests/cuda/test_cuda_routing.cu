@@ -33,7 +33,9 @@ void sweep(std::uint64_t seed, bool wide) {
 TEST_CASE("cuda routing fp32: switch") { sweep<switch_router, float>(100, true); }
 TEST_CASE("cuda routing fp32: topk_softmax") { sweep<topk_softmax, float>(200, true); }
 TEST_CASE("cuda routing fp32: sparsemixer euler") { sweep<sparsemixer_euler, float>(300, true); }
-TEST_CASE("cuda routing fp32: sparsemixer midpoint") { sweep<sparsemixer_midpoint, float>(400, true); }
+TEST_CASE("cuda routing fp32: sparsemixer midpoint") {
+  sweep<sparsemixer_midpoint, float>(400, true);
+}
 TEST_CASE("cuda routing fp32: sparsemixer heun3") { sweep<sparsemixer_heun3, float>(500, true); }
 TEST_CASE("cuda routing fp32: strided and contiguous, train and eval, every estimator") {
   for (bool strided : {false, true})

@@ -14,7 +14,8 @@ void sweep(std::uint64_t seed) {
       if (k > E) continue;
       const bool strided = (seed & 1) != 0;
       const routing_mode mode = (seed % 3 == 0) ? routing_mode::eval : routing_mode::train;
-      check_case<Est, T>({555, E, k, strided, mode, (seed % 4) == 1, (seed % 5 < 2) ? 0.05 : 0.0, 0.0}, seed++);
+      check_case<Est, T>(
+          {555, E, k, strided, mode, (seed % 4) == 1, (seed % 5 < 2) ? 0.05 : 0.0, 0.0}, seed++);
     }
 }
 

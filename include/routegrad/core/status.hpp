@@ -49,16 +49,26 @@ class [[nodiscard]] status {
 
 inline const char* to_string(status_code code) {
   switch (code) {
-    case status_code::success: return "success";
-    case status_code::invalid_argument: return "invalid argument";
-    case status_code::invalid_shape: return "invalid shape";
-    case status_code::invalid_stride: return "invalid stride";
-    case status_code::null_pointer: return "null pointer";
-    case status_code::wrong_memory_space: return "wrong memory space";
-    case status_code::misaligned: return "misaligned pointer";
-    case status_code::workspace_too_small: return "workspace too small";
-    case status_code::not_supported: return "not supported";
-    case status_code::cuda_error: return "CUDA error";
+    case status_code::success:
+      return "success";
+    case status_code::invalid_argument:
+      return "invalid argument";
+    case status_code::invalid_shape:
+      return "invalid shape";
+    case status_code::invalid_stride:
+      return "invalid stride";
+    case status_code::null_pointer:
+      return "null pointer";
+    case status_code::wrong_memory_space:
+      return "wrong memory space";
+    case status_code::misaligned:
+      return "misaligned pointer";
+    case status_code::workspace_too_small:
+      return "workspace too small";
+    case status_code::not_supported:
+      return "not supported";
+    case status_code::cuda_error:
+      return "CUDA error";
   }
   return "unknown status";
 }
@@ -86,8 +96,8 @@ inline void check(const status& s) {
 }  // namespace routegrad
 
 // Returns from the enclosing function when `expr` yields a failed status.
-#define ROUTEGRAD_RETURN_IF_ERROR(expr)       \
-  do {                                        \
-    ::routegrad::status rg_status_ = (expr);  \
+#define ROUTEGRAD_RETURN_IF_ERROR(expr)         \
+  do {                                          \
+    ::routegrad::status rg_status_ = (expr);    \
     if (!rg_status_.is_ok()) return rg_status_; \
   } while (0)

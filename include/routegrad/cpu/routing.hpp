@@ -34,18 +34,17 @@ inline constexpr index_t reduction_block = 256;
 
 namespace detail {
 
-/// A row of the caller's logits, read through its stride; `noise` (when set) is the staged
+/// A row staged contiguously in the math type (stage_row); `noise` (when set) is the staged
 /// Switch jitter of this row.
-template <class T, class M>
+template <class M>
 struct logits_row {
-  const T* data;
-  index_t stride;
+  const M* values;
   index_t n;
   const M* noise;  // null: no jitter
 
   ROUTEGRAD_HD index_t size() const { return n; }
-  ROUTEGRAD_HD M clean(index_t i) const { return static_cast<M>(data[i * stride]); }
-  ROUTEGRAD_HD M logit(index_t i) const { return noise ? clean(i) * noise[i] : clean(i); }
+  ROUTEGRAD_HD M clean(index_t i) const { return values[i]; }
+  ROUTEGRAD_HD M logit(index_t i) const { return noise ? values[i] * noise[i] : values[i]; }
   ROUTEGRAD_HD M chain(index_t i) const { return noise ? noise[i] : M(1); }
 };
 
@@ -93,7 +92,9 @@ template <class M>
 struct count_fraction {
   const std::int64_t* counts;  // null when the load-balancing term is off
   M inv_pairs;                 // 1 / (T·k)
-  ROUTEGRAD_HD M operator()(index_t e) const { return counts ? static_cast<M>(counts[e]) * inv_pairs : M(0); }
+  ROUTEGRAD_HD M operator()(index_t e) const {
+    return counts ? static_cast<M>(counts[e]) * inv_pairs : M(0);
+  }
 };
 
 /// Runs body(first_token, end_token, block_index, thread_scratch) over fixed blocks of tokens;
@@ -118,18 +119,29 @@ void for_each_block(index_t rows, const execution& exec, index_t scratch_size, B
 #endif
 }
 
-/// Stages the Switch jitter of row t into `noise` and returns it, or null when there is none.
-template <class Est, class M>
-const M* stage_noise(const routing_options& opt, const rng_stream& rng, index_t t, index_t n,
-                     M* noise) {
+/// Copies row t of the logits into `scratch` (contiguous, math type) and, for Switch in
+/// training, its jitter into `scratch + n`: each row is read from the caller's memory once, and
+/// the jitter costs one Philox block per four experts.
+template <class Est, class M, class T>
+logits_row<M> stage_row(const routing_options& opt, const rng_stream& rng,
+                        const host_view<T, 2>& logits, index_t t, M* scratch) {
+  const index_t n = logits.extent(1), s = logits.stride(1);
+  const T* src = logits.data_handle() + t * logits.stride(0);
+  for (index_t e = 0; e < n; ++e) scratch[e] = static_cast<M>(src[e * s]);
+  M* noise = nullptr;
   if constexpr (Est::noisy) {
     if (opt.mode == routing_mode::train && opt.jitter_eps > 0.0) {
-      for (index_t e = 0; e < n; ++e) noise[e] = switch_noise(rng, t, e, static_cast<M>(opt.jitter_eps));
-      return noise;
+      noise = scratch + n;
+      const M eps = static_cast<M>(opt.jitter_eps);
+      for (index_t g = 0; 4 * g < n; ++g) {
+        const philox4x32 b = switch_noise_block(rng, t, g);
+        for (index_t w = 0; w < 4 && 4 * g + w < n; ++w)
+          noise[4 * g + w] = switch_noise_from_word(b.v[w], eps);
+      }
     }
   }
-  (void)opt, (void)rng, (void)t, (void)n, (void)noise;
-  return nullptr;
+  (void)opt, (void)rng;
+  return {scratch, n, noise};
 }
 
 template <class M>
@@ -159,18 +171,19 @@ status run_forward(const routing_options& opt, host_view<TL, 2> logits,
   std::vector<std::int64_t> block_bad(static_cast<std::size_t>(blocks));
   const token_params<M> params = detail::params_of<M>(opt);
 
-  detail::for_each_block<M>(rows, exec, n, [&](index_t t0, index_t t1, index_t b, M* noise) {
+  detail::for_each_block<M>(rows, exec, 2 * n, [&](index_t t0, index_t t1, index_t b, M* scratch) {
     std::int64_t bad = 0;
     double lse2 = 0.0;
     for (index_t t = t0; t < t1; ++t) {
-      const T* row_ptr = logits.data_handle() + t * logits.stride(0);
-      const detail::logits_row<T, M> row{row_ptr, logits.stride(1), n,
-                                         detail::stage_noise<Est>(opt, state.rng, t, n, noise)};
-      detail::forward_slots<G, M> slots{
-          state.experts.data_handle() + t * state.experts.stride(0), state.experts.stride(1),
-          state.coins.data_handle() ? state.coins.data_handle() + t * state.coins.stride(0)
-                                    : nullptr,
-          state.coins.stride(1), gates.data_handle() + t * gates.stride(0), gates.stride(1)};
+      const detail::logits_row<M> row = detail::stage_row<Est>(opt, state.rng, logits, t, scratch);
+      detail::forward_slots<G, M> slots{state.experts.data_handle() + t * state.experts.stride(0),
+                                        state.experts.stride(1),
+                                        state.coins.data_handle()
+                                            ? state.coins.data_handle() + t * state.coins.stride(0)
+                                            : nullptr,
+                                        state.coins.stride(1),
+                                        gates.data_handle() + t * gates.stride(0),
+                                        gates.stride(1)};
       const token_outcome outcome =
           token_forward<Est, M>(serial_lanes{}, row, slots, params, state.rng, t);
       if (!outcome.complete) ++bad;
@@ -203,7 +216,8 @@ status run_forward(const routing_options& opt, host_view<TL, 2> logits,
   if (stats.nonfinite_rows) *stats.nonfinite_rows = bad;
   std::vector<std::int64_t> counts(want_counts ? static_cast<std::size_t>(n) : 0);
   for (index_t b = 0; b < (want_counts ? blocks : 0); ++b)
-    for (index_t e = 0; e < n; ++e) counts[static_cast<std::size_t>(e)] += block_counts[static_cast<std::size_t>(b * n + e)];
+    for (index_t e = 0; e < n; ++e)
+      counts[static_cast<std::size_t>(e)] += block_counts[static_cast<std::size_t>(b * n + e)];
   if (stats.expert_counts)
     for (index_t e = 0; e < n; ++e) stats.expert_counts[e] = counts[static_cast<std::size_t>(e)];
   if (stats.load_balance_loss) {
@@ -212,7 +226,8 @@ status run_forward(const routing_options& opt, host_view<TL, 2> logits,
       for (index_t e = 0; e < n; ++e) {
         double p = 0.0;
         for (index_t b = 0; b < blocks; ++b) p += block_p[static_cast<std::size_t>(b * n + e)];
-        const double f = static_cast<double>(counts[static_cast<std::size_t>(e)]) / (static_cast<double>(rows) * opt.k);
+        const double f = static_cast<double>(counts[static_cast<std::size_t>(e)]) /
+                         (static_cast<double>(rows) * opt.k);
         loss += f * (p / static_cast<double>(rows));
       }
       loss *= opt.load_balance_coef * static_cast<double>(n);
@@ -227,13 +242,12 @@ status run_forward(const routing_options& opt, host_view<TL, 2> logits,
   return status::ok();
 }
 
-
 /// Backward of one routing step on host memory. See routegrad::route_backward.
 template <class Est, class TL, class GG, class GL>
 status run_backward(const routing_options& opt, host_view<TL, 2> logits,
-                      const host_routing_state& state, host_view<GG, 2> grad_gates,
-                      host_view<GL, 2> grad_logits, grad_mode mode = grad_mode::overwrite,
-                      const host_routing_stats& stats = {}, const execution& exec = {}) {
+                    const host_routing_state& state, host_view<GG, 2> grad_gates,
+                    host_view<GL, 2> grad_logits, grad_mode mode = grad_mode::overwrite,
+                    const host_routing_stats& stats = {}, const execution& exec = {}) {
   ROUTEGRAD_RETURN_IF_ERROR(
       validation::check_backward<Est>(opt, logits, state, grad_gates, grad_logits, stats));
   using T = std::remove_const_t<TL>;
@@ -256,17 +270,17 @@ status run_backward(const routing_options& opt, host_view<TL, 2> logits,
       {opt.load_balance_coef != 0.0 ? stats.expert_counts : nullptr,
        rows > 0 ? M(1) / (static_cast<M>(rows) * static_cast<M>(opt.k)) : M(0)}};
 
-  detail::for_each_block<M>(rows, exec, 2 * n, [&](index_t t0, index_t t1, index_t, M* noise) {
-    M* grad = noise + n;
+  detail::for_each_block<M>(rows, exec, 3 * n, [&](index_t t0, index_t t1, index_t, M* scratch) {
+    M* grad = scratch + 2 * n;
     for (index_t t = t0; t < t1; ++t) {
-      const detail::logits_row<std::remove_const_t<TL>, M> row{
-          logits.data_handle() + t * logits.stride(0), logits.stride(1), n,
-          detail::stage_noise<Est>(opt, state.rng, t, n, noise)};
+      const detail::logits_row<M> row = detail::stage_row<Est>(opt, state.rng, logits, t, scratch);
       const detail::backward_slots<std::remove_const_t<GG>> slots{
-          state.experts.data_handle() + t * state.experts.stride(0), state.experts.stride(1),
+          state.experts.data_handle() + t * state.experts.stride(0),
+          state.experts.stride(1),
           state.coins.data_handle() ? state.coins.data_handle() + t * state.coins.stride(0)
                                     : nullptr,
-          state.coins.stride(1), grad_gates.data_handle() + t * grad_gates.stride(0),
+          state.coins.stride(1),
+          grad_gates.data_handle() + t * grad_gates.stride(0),
           grad_gates.stride(1)};
       std::fill(grad, grad + n, M(0));
       detail::scratch_grad<M> acc{grad};
@@ -274,7 +288,8 @@ status run_backward(const routing_options& opt, host_view<TL, 2> logits,
       GL* out = grad_logits.data_handle() + t * grad_logits.stride(0);
       const index_t s = grad_logits.stride(1);
       if (mode == grad_mode::accumulate)
-        for (index_t e = 0; e < n; ++e) out[e * s] = static_cast<GL>(static_cast<M>(out[e * s]) + grad[e]);
+        for (index_t e = 0; e < n; ++e)
+          out[e * s] = static_cast<GL>(static_cast<M>(out[e * s]) + grad[e]);
       else
         for (index_t e = 0; e < n; ++e) out[e * s] = static_cast<GL>(grad[e]);
     }

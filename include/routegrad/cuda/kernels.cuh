@@ -35,9 +35,8 @@ struct forward_args {
 };
 
 template <class Est, class M, class T>
-__device__ device_row<T, M, Est::noisy> make_row(const T* logits, index_t t, index_t s0,
-                                                 index_t s1, index_t n,
-                                                 const routing_options& opt,
+__device__ device_row<T, M, Est::noisy> make_row(const T* logits, index_t t, index_t s0, index_t s1,
+                                                 index_t n, const routing_options& opt,
                                                  const rng_stream& rng) {
   const bool jitter = Est::noisy && opt.mode == routing_mode::train && opt.jitter_eps > 0.0;
   return {logits + t * s0, s1, n, rng, t, jitter ? static_cast<M>(opt.jitter_eps) : M(0)};
@@ -56,12 +55,19 @@ __global__ void __launch_bounds__(256) forward_kernel(const forward_args<T, G> a
   const index_t stride = static_cast<index_t>(gridDim.x) * groups;
   const token_params<M> params = params_of<M>(a.opt);
   for (index_t t = blockIdx.x * groups + threadIdx.x / Width; t < a.rows; t += stride) {
-    const auto row = make_row<Est, M>(a.logits, t, a.logit_stride0, a.logit_stride1, a.cols,
-                                      a.opt, a.rng);
+    const auto row =
+        make_row<Est, M>(a.logits, t, a.logit_stride0, a.logit_stride1, a.cols, a.opt, a.rng);
     device_forward_slots<G, M, register_slots> slots{
-        a.experts + t * a.expert_stride0, a.expert_stride1,
-        a.coins ? a.coins + t * a.coin_stride0 : nullptr, a.coin_stride1,
-        a.gates + t * a.gate_stride0, a.gate_stride1, lanes.lane() == 0, lanes.mask, {}, {}};
+        a.experts + t * a.expert_stride0,
+        a.expert_stride1,
+        a.coins ? a.coins + t * a.coin_stride0 : nullptr,
+        a.coin_stride1,
+        a.gates + t * a.gate_stride0,
+        a.gate_stride1,
+        lanes.lane() == 0,
+        lanes.mask,
+        {},
+        {}};
     const token_outcome outcome = token_forward<Est, M>(lanes, row, slots, params, a.rng, t);
     if (lanes.lane() == 0) {
       if (!outcome.complete && a.nonfinite) atomicAdd(a.nonfinite, 1ull);
@@ -108,12 +114,14 @@ __global__ void __launch_bounds__(256) backward_kernel(const backward_args<T, GG
       {a.opt.load_balance_coef != 0.0 ? a.counts : nullptr,
        M(1) / (static_cast<M>(a.rows) * static_cast<M>(a.opt.k))}};
   for (index_t t = blockIdx.x * groups + threadIdx.x / Width; t < a.rows; t += stride) {
-    const auto row = make_row<Est, M>(a.logits, t, a.logit_stride0, a.logit_stride1, a.cols,
-                                      a.opt, a.rng);
-    const device_backward_slots<GG, M> slots{
-        a.experts + t * a.expert_stride0, a.expert_stride1,
-        a.coins ? a.coins + t * a.coin_stride0 : nullptr, a.coin_stride1,
-        a.grad_gates + t * a.grad_gate_stride0, a.grad_gate_stride1};
+    const auto row =
+        make_row<Est, M>(a.logits, t, a.logit_stride0, a.logit_stride1, a.cols, a.opt, a.rng);
+    const device_backward_slots<GG, M> slots{a.experts + t * a.expert_stride0,
+                                             a.expert_stride1,
+                                             a.coins ? a.coins + t * a.coin_stride0 : nullptr,
+                                             a.coin_stride1,
+                                             a.grad_gates + t * a.grad_gate_stride0,
+                                             a.grad_gate_stride1};
     for (index_t i = lanes.lane(); i < a.cols; i += Width) scratch[i] = M(0);
     // A state that names an expert or coin out of range (the CPU back end rejects it with a
     // status; here that would need a synchronisation) gets a zero gradient row.
@@ -138,10 +146,9 @@ __global__ void __launch_bounds__(256) backward_kernel(const backward_args<T, GG
 /// softmax column of every expert and logsumexp² (rows that cannot be routed are left out).
 /// partial[b * (E + 1) + e] = Σ_t p_{t,e}; partial[b * (E + 1) + E] = Σ_t lse_t².
 template <class Est, int Width, class T>
-__global__ void __launch_bounds__(256) loss_partials_kernel(const T* logits, index_t rows,
-                                                            index_t cols, index_t s0, index_t s1,
-                                                            routing_options opt, rng_stream rng,
-                                                            double* partial) {
+__global__ void __launch_bounds__(256)
+    loss_partials_kernel(const T* logits, index_t rows, index_t cols, index_t s0, index_t s1,
+                         routing_options opt, rng_stream rng, double* partial) {
   using M = math_t<T>;
   __shared__ M row_max[stats_block_tokens];
   __shared__ M row_norm[stats_block_tokens];
@@ -183,12 +190,12 @@ __global__ void __launch_bounds__(256) loss_partials_kernel(const T* logits, ind
 }
 
 /// Loss sums, phase 2 (one block): combine the partials in block order and write the losses.
-__global__ void __launch_bounds__(256) loss_finish_kernel(double* partial, index_t blocks,
-                                                          index_t rows, index_t cols, int k,
-                                                          double alpha, double beta,
-                                                          const std::int64_t* counts,
-                                                          double* load_balance_loss,
-                                                          double* z_loss) {
+/// (A template only so that a header can define it in many translation units.)
+template <int = 0>
+__global__ void __launch_bounds__(256)
+    loss_finish_kernel(double* partial, index_t blocks, index_t rows, index_t cols, int k,
+                       double alpha, double beta, const std::int64_t* counts,
+                       double* load_balance_loss, double* z_loss) {
   for (index_t e = threadIdx.x; e <= cols; e += blockDim.x) {
     double s = 0.0;
     for (index_t b = 0; b < blocks; ++b) s += partial[b * (cols + 1) + e];

@@ -19,7 +19,7 @@ namespace routegrad::cuda {
 /// How a CUDA call runs: the caller's stream and, for the loss values, scratch space.
 struct execution {
   cudaStream_t stream = nullptr;
-  void* workspace = nullptr;        // see forward_workspace_bytes
+  void* workspace = nullptr;  // see forward_workspace_bytes
   std::size_t workspace_bytes = 0;
 };
 
@@ -70,9 +70,15 @@ inline unsigned grid_for(index_t rows, int threads, int width) {
 template <class Launch>
 void dispatch_width(index_t cols, Launch launch) {
   switch (lanes_for(cols)) {
-    case 1: launch(std::integral_constant<int, 1>{}); break;
-    case 8: launch(std::integral_constant<int, 8>{}); break;
-    default: launch(std::integral_constant<int, 32>{}); break;
+    case 1:
+      launch(std::integral_constant<int, 1>{});
+      break;
+    case 8:
+      launch(std::integral_constant<int, 8>{});
+      break;
+    default:
+      launch(std::integral_constant<int, 32>{});
+      break;
   }
 }
 
@@ -81,44 +87,64 @@ void dispatch_width(index_t cols, Launch launch) {
 /// Forward of one routing step on device memory, on exec.stream. See routegrad::route_forward.
 template <class Est, class TL, class G>
 status run_forward(const routing_options& opt, device_view<TL, 2> logits,
-                     const device_routing_state& state, device_view<G, 2> gates,
-                     const device_routing_stats& stats = {}, const execution& exec = {}) {
+                   const device_routing_state& state, device_view<G, 2> gates,
+                   const device_routing_stats& stats = {}, const execution& exec = {}) {
   static_assert(is_supported_storage<TL>, "logits: float, double, __half or __nv_bfloat16");
   static_assert(is_supported_storage<G>, "gates: float, double, __half or __nv_bfloat16");
   ROUTEGRAD_RETURN_IF_ERROR(validation::check_forward<Est>(opt, logits, state, gates));
   using T = std::remove_const_t<TL>;
   const index_t rows = logits.extent(0), cols = logits.extent(1);
-  if (!detail::aligned<T>(logits.data_handle())) return {status_code::misaligned, "logits: misaligned"};
-  if (!detail::aligned<G>(gates.data_handle())) return {status_code::misaligned, "gates: misaligned"};
+  if (!detail::aligned<T>(logits.data_handle()))
+    return {status_code::misaligned, "logits: misaligned"};
+  if (!detail::aligned<G>(gates.data_handle()))
+    return {status_code::misaligned, "gates: misaligned"};
   if (!detail::aligned<std::int32_t>(state.experts.data_handle()))
     return {status_code::misaligned, "state.experts: misaligned"};
   if (!detail::aligned<std::int64_t>(stats.expert_counts))
     return {status_code::misaligned, "stats.expert_counts: misaligned"};
-  ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(logits.data_handle(), "logits: not device memory"));
-  ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(state.experts.data_handle(), "state.experts: not device memory"));
-  ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(state.coins.data_handle(), "state.coins: not device memory"));
-  ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(gates.data_handle(), "gates: not device memory"));
-  ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(stats.expert_counts, "stats.expert_counts: not device memory"));
-  ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(stats.load_balance_loss, "stats.load_balance_loss: not device memory"));
-  ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(stats.z_loss, "stats.z_loss: not device memory"));
-  ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(stats.nonfinite_rows, "stats.nonfinite_rows: not device memory"));
+  ROUTEGRAD_RETURN_IF_ERROR(
+      detail::check_device_pointer(logits.data_handle(), "logits: not device memory"));
+  ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(state.experts.data_handle(),
+                                                         "state.experts: not device memory"));
+  ROUTEGRAD_RETURN_IF_ERROR(
+      detail::check_device_pointer(state.coins.data_handle(), "state.coins: not device memory"));
+  ROUTEGRAD_RETURN_IF_ERROR(
+      detail::check_device_pointer(gates.data_handle(), "gates: not device memory"));
+  ROUTEGRAD_RETURN_IF_ERROR(
+      detail::check_device_pointer(stats.expert_counts, "stats.expert_counts: not device memory"));
+  ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(
+      stats.load_balance_loss, "stats.load_balance_loss: not device memory"));
+  ROUTEGRAD_RETURN_IF_ERROR(
+      detail::check_device_pointer(stats.z_loss, "stats.z_loss: not device memory"));
+  ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(
+      stats.nonfinite_rows, "stats.nonfinite_rows: not device memory"));
   const std::size_t need = forward_workspace_bytes(rows, cols, stats);
   if (need > 0 && exec.workspace != nullptr) {
     if (exec.workspace_bytes < need)
-      return {status_code::workspace_too_small, "exec.workspace: smaller than forward_workspace_bytes"};
-    if (!detail::aligned<double>(exec.workspace)) return {status_code::misaligned, "exec.workspace: misaligned"};
-    ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(exec.workspace, "exec.workspace: not device memory"));
+      return {status_code::workspace_too_small,
+              "exec.workspace: smaller than forward_workspace_bytes"};
+    if (!detail::aligned<double>(exec.workspace))
+      return {status_code::misaligned, "exec.workspace: misaligned"};
+    ROUTEGRAD_RETURN_IF_ERROR(
+        detail::check_device_pointer(exec.workspace, "exec.workspace: not device memory"));
   }
 
   // Everything is valid: from here on only CUDA can fail.
   cudaStream_t s = exec.stream;
   if (stats.expert_counts)
-    ROUTEGRAD_CUDA_TRY(cudaMemsetAsync(stats.expert_counts, 0, static_cast<std::size_t>(cols) * sizeof(std::int64_t), s), "cudaMemsetAsync(expert_counts)");
+    ROUTEGRAD_CUDA_TRY(cudaMemsetAsync(stats.expert_counts, 0,
+                                       static_cast<std::size_t>(cols) * sizeof(std::int64_t), s),
+                       "cudaMemsetAsync(expert_counts)");
   if (stats.nonfinite_rows)
-    ROUTEGRAD_CUDA_TRY(cudaMemsetAsync(stats.nonfinite_rows, 0, sizeof(std::int64_t), s), "cudaMemsetAsync(nonfinite_rows)");
+    ROUTEGRAD_CUDA_TRY(cudaMemsetAsync(stats.nonfinite_rows, 0, sizeof(std::int64_t), s),
+                       "cudaMemsetAsync(nonfinite_rows)");
   if (rows == 0) {
-    if (stats.load_balance_loss) ROUTEGRAD_CUDA_TRY(cudaMemsetAsync(stats.load_balance_loss, 0, sizeof(double), s), "cudaMemsetAsync(load_balance_loss)");
-    if (stats.z_loss) ROUTEGRAD_CUDA_TRY(cudaMemsetAsync(stats.z_loss, 0, sizeof(double), s), "cudaMemsetAsync(z_loss)");
+    if (stats.load_balance_loss)
+      ROUTEGRAD_CUDA_TRY(cudaMemsetAsync(stats.load_balance_loss, 0, sizeof(double), s),
+                         "cudaMemsetAsync(load_balance_loss)");
+    if (stats.z_loss)
+      ROUTEGRAD_CUDA_TRY(cudaMemsetAsync(stats.z_loss, 0, sizeof(double), s),
+                         "cudaMemsetAsync(z_loss)");
     return status::ok();
   }
   void* workspace = exec.workspace;
@@ -128,16 +154,29 @@ status run_forward(const routing_options& opt, device_view<TL, 2> logits,
   std::int64_t* counts = stats.expert_counts;
   if (!counts && stats.load_balance_loss) {
     counts = reinterpret_cast<std::int64_t*>(static_cast<double*>(workspace) + blocks * (cols + 1));
-    ROUTEGRAD_CUDA_TRY(cudaMemsetAsync(counts, 0, static_cast<std::size_t>(cols) * sizeof(std::int64_t), s), "cudaMemsetAsync(counts)");
+    ROUTEGRAD_CUDA_TRY(
+        cudaMemsetAsync(counts, 0, static_cast<std::size_t>(cols) * sizeof(std::int64_t), s),
+        "cudaMemsetAsync(counts)");
   }
 
-  const detail::forward_args<T, G> a{
-      logits.data_handle(), rows, cols, logits.stride(0), logits.stride(1),
-      state.experts.data_handle(), state.experts.stride(0), state.experts.stride(1),
-      state.coins.data_handle(), state.coins.stride(0), state.coins.stride(1),
-      gates.data_handle(), gates.stride(0), gates.stride(1), opt, state.rng,
-      reinterpret_cast<unsigned long long*>(counts),
-      reinterpret_cast<unsigned long long*>(stats.nonfinite_rows)};
+  const detail::forward_args<T, G> a{logits.data_handle(),
+                                     rows,
+                                     cols,
+                                     logits.stride(0),
+                                     logits.stride(1),
+                                     state.experts.data_handle(),
+                                     state.experts.stride(0),
+                                     state.experts.stride(1),
+                                     state.coins.data_handle(),
+                                     state.coins.stride(0),
+                                     state.coins.stride(1),
+                                     gates.data_handle(),
+                                     gates.stride(0),
+                                     gates.stride(1),
+                                     opt,
+                                     state.rng,
+                                     reinterpret_cast<unsigned long long*>(counts),
+                                     reinterpret_cast<unsigned long long*>(stats.nonfinite_rows)};
   constexpr int threads = 256;
   detail::dispatch_width(cols, [&](auto width) {
     constexpr int W = decltype(width)::value;
@@ -149,11 +188,12 @@ status run_forward(const routing_options& opt, device_view<TL, 2> logits,
   });
   ROUTEGRAD_CUDA_TRY(cudaGetLastError(), "forward kernel launch");
   if (need > 0) {
-    detail::loss_finish_kernel<<<1, threads, 0, s>>>(
+    detail::loss_finish_kernel<><<<1, threads, 0, s>>>(
         static_cast<double*>(workspace), blocks, rows, cols, opt.k, opt.load_balance_coef,
         opt.z_loss_coef, counts, stats.load_balance_loss, stats.z_loss);
     ROUTEGRAD_CUDA_TRY(cudaGetLastError(), "loss kernel launch");
-    if (exec.workspace == nullptr) ROUTEGRAD_CUDA_TRY(cudaFreeAsync(workspace, s), "cudaFreeAsync(workspace)");
+    if (exec.workspace == nullptr)
+      ROUTEGRAD_CUDA_TRY(cudaFreeAsync(workspace, s), "cudaFreeAsync(workspace)");
   }
   return status::ok();
 }
@@ -161,57 +201,90 @@ status run_forward(const routing_options& opt, device_view<TL, 2> logits,
 /// Backward of one routing step on device memory, on exec.stream. See routegrad::route_backward.
 template <class Est, class TL, class GG, class GL>
 status run_backward(const routing_options& opt, device_view<TL, 2> logits,
-                      const device_routing_state& state, device_view<GG, 2> grad_gates,
-                      device_view<GL, 2> grad_logits, grad_mode mode = grad_mode::overwrite,
-                      const device_routing_stats& stats = {}, const execution& exec = {}) {
+                    const device_routing_state& state, device_view<GG, 2> grad_gates,
+                    device_view<GL, 2> grad_logits, grad_mode mode = grad_mode::overwrite,
+                    const device_routing_stats& stats = {}, const execution& exec = {}) {
   static_assert(is_supported_storage<TL>, "logits: float, double, __half or __nv_bfloat16");
   static_assert(is_supported_storage<GG>, "grad_gates: float, double, __half or __nv_bfloat16");
   static_assert(is_supported_storage<GL>, "grad_logits: float, double, __half or __nv_bfloat16");
-  ROUTEGRAD_RETURN_IF_ERROR(validation::check_backward<Est>(opt, logits, state, grad_gates, grad_logits, stats));
+  ROUTEGRAD_RETURN_IF_ERROR(
+      validation::check_backward<Est>(opt, logits, state, grad_gates, grad_logits, stats));
   using T = std::remove_const_t<TL>;
   using M = math_t<T>;
   const index_t rows = logits.extent(0), cols = logits.extent(1);
-  if (!detail::aligned<T>(logits.data_handle())) return {status_code::misaligned, "logits: misaligned"};
-  if (!detail::aligned<std::remove_const_t<GG>>(grad_gates.data_handle())) return {status_code::misaligned, "grad_gates: misaligned"};
-  if (!detail::aligned<GL>(grad_logits.data_handle())) return {status_code::misaligned, "grad_logits: misaligned"};
-  if (!detail::aligned<std::int32_t>(state.experts.data_handle())) return {status_code::misaligned, "state.experts: misaligned"};
-  if (!detail::aligned<std::int64_t>(stats.expert_counts)) return {status_code::misaligned, "stats.expert_counts: misaligned"};
-  ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(logits.data_handle(), "logits: not device memory"));
-  ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(state.experts.data_handle(), "state.experts: not device memory"));
-  ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(state.coins.data_handle(), "state.coins: not device memory"));
-  ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(grad_gates.data_handle(), "grad_gates: not device memory"));
-  ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(grad_logits.data_handle(), "grad_logits: not device memory"));
+  if (!detail::aligned<T>(logits.data_handle()))
+    return {status_code::misaligned, "logits: misaligned"};
+  if (!detail::aligned<std::remove_const_t<GG>>(grad_gates.data_handle()))
+    return {status_code::misaligned, "grad_gates: misaligned"};
+  if (!detail::aligned<GL>(grad_logits.data_handle()))
+    return {status_code::misaligned, "grad_logits: misaligned"};
+  if (!detail::aligned<std::int32_t>(state.experts.data_handle()))
+    return {status_code::misaligned, "state.experts: misaligned"};
+  if (!detail::aligned<std::int64_t>(stats.expert_counts))
+    return {status_code::misaligned, "stats.expert_counts: misaligned"};
+  ROUTEGRAD_RETURN_IF_ERROR(
+      detail::check_device_pointer(logits.data_handle(), "logits: not device memory"));
+  ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(state.experts.data_handle(),
+                                                         "state.experts: not device memory"));
+  ROUTEGRAD_RETURN_IF_ERROR(
+      detail::check_device_pointer(state.coins.data_handle(), "state.coins: not device memory"));
+  ROUTEGRAD_RETURN_IF_ERROR(
+      detail::check_device_pointer(grad_gates.data_handle(), "grad_gates: not device memory"));
+  ROUTEGRAD_RETURN_IF_ERROR(
+      detail::check_device_pointer(grad_logits.data_handle(), "grad_logits: not device memory"));
   if (opt.load_balance_coef != 0.0)
-    ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(stats.expert_counts, "stats.expert_counts: not device memory"));
+    ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(
+        stats.expert_counts, "stats.expert_counts: not device memory"));
   if (rows == 0) return status::ok();
 
   // One shared-memory gradient row per token group.
   int device = 0;
   ROUTEGRAD_CUDA_TRY(cudaGetDevice(&device), "cudaGetDevice");
   int max_shared = 0;
-  ROUTEGRAD_CUDA_TRY(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
+  ROUTEGRAD_CUDA_TRY(
+      cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+      "cudaDeviceGetAttribute");
   const int width = detail::lanes_for(cols);
   const std::size_t row_bytes = static_cast<std::size_t>(cols) * sizeof(M);
   int threads = 256;
-  while (threads > 32 && static_cast<std::size_t>(threads / width) * row_bytes > 48 * 1024) threads /= 2;
+  while (threads > 32 && static_cast<std::size_t>(threads / width) * row_bytes > 48 * 1024)
+    threads /= 2;
   const std::size_t shared = static_cast<std::size_t>(threads / width) * row_bytes;
   if (shared > static_cast<std::size_t>(max_shared))
-    return {status_code::not_supported, "logits: E too large for the CUDA backward (one gradient row per token group must fit in shared memory)"};
+    return {status_code::not_supported,
+            "logits: E too large for the CUDA backward (one gradient row per token group must fit "
+            "in shared memory)"};
 
-  const detail::backward_args<T, std::remove_const_t<GG>, GL> a{
-      logits.data_handle(), rows, cols, logits.stride(0), logits.stride(1),
-      state.experts.data_handle(), state.experts.stride(0), state.experts.stride(1),
-      state.coins.data_handle(), state.coins.stride(0), state.coins.stride(1),
-      grad_gates.data_handle(), grad_gates.stride(0), grad_gates.stride(1),
-      grad_logits.data_handle(), grad_logits.stride(0), grad_logits.stride(1),
-      mode == grad_mode::accumulate, opt, state.rng, stats.expert_counts};
+  const detail::backward_args<T, std::remove_const_t<GG>, GL> a{logits.data_handle(),
+                                                                rows,
+                                                                cols,
+                                                                logits.stride(0),
+                                                                logits.stride(1),
+                                                                state.experts.data_handle(),
+                                                                state.experts.stride(0),
+                                                                state.experts.stride(1),
+                                                                state.coins.data_handle(),
+                                                                state.coins.stride(0),
+                                                                state.coins.stride(1),
+                                                                grad_gates.data_handle(),
+                                                                grad_gates.stride(0),
+                                                                grad_gates.stride(1),
+                                                                grad_logits.data_handle(),
+                                                                grad_logits.stride(0),
+                                                                grad_logits.stride(1),
+                                                                mode == grad_mode::accumulate,
+                                                                opt,
+                                                                state.rng,
+                                                                stats.expert_counts};
   cudaError_t err = cudaSuccess;
   detail::dispatch_width(cols, [&](auto w) {
     constexpr int W = decltype(w)::value;
     auto kernel = detail::backward_kernel<Est, W, T, std::remove_const_t<GG>, GL>;
     if (shared > 48 * 1024)
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
-    if (err == cudaSuccess) kernel<<<detail::grid_for(rows, threads, W), threads, shared, exec.stream>>>(a);
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(shared));
+    if (err == cudaSuccess)
+      kernel<<<detail::grid_for(rows, threads, W), threads, shared, exec.stream>>>(a);
   });
   ROUTEGRAD_CUDA_TRY(err, "cudaFuncSetAttribute(backward shared memory)");
   ROUTEGRAD_CUDA_TRY(cudaGetLastError(), "backward kernel launch");
@@ -226,7 +299,8 @@ namespace routegrad {
 template <class Est, class TL, class G>
 status route_forward(const routing_options& opt, device_view<TL, 2> logits,
                      const cuda::device_routing_state& state, device_view<G, 2> gates,
-                     const cuda::device_routing_stats& stats = {}, const cuda::execution& exec = {}) {
+                     const cuda::device_routing_stats& stats = {},
+                     const cuda::execution& exec = {}) {
   return cuda::run_forward<Est>(opt, logits, state, gates, stats, exec);
 }
 
@@ -234,7 +308,8 @@ template <class Est, class TL, class GG, class GL>
 status route_backward(const routing_options& opt, device_view<TL, 2> logits,
                       const cuda::device_routing_state& state, device_view<GG, 2> grad_gates,
                       device_view<GL, 2> grad_logits, grad_mode mode = grad_mode::overwrite,
-                      const cuda::device_routing_stats& stats = {}, const cuda::execution& exec = {}) {
+                      const cuda::device_routing_stats& stats = {},
+                      const cuda::execution& exec = {}) {
   return cuda::run_backward<Est>(opt, logits, state, grad_gates, grad_logits, mode, stats, exec);
 }
 

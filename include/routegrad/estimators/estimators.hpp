@@ -55,6 +55,6 @@ using sparsemixer_midpoint = sparsemixer<midpoint>;
 using sparsemixer_heun3 = sparsemixer<heun3>;
 
 template <class Estimator>
-inline constexpr bool has_coin = Estimator::sampled && Estimator::rule::num_nodes > 0;
+inline constexpr bool has_coin = Estimator::sampled&& Estimator::rule::num_nodes > 0;
 
 }  // namespace routegrad

@@ -35,8 +35,8 @@ ROUTEGRAD_HD row_summary<M> summarize_row(const Lanes& lanes, const Row& row) {
   row_extreme<M> top{-inf, -1};
   for (index_t i = lanes.lane(); i < row.size(); i += lanes.count()) {
     const M c = row.clean(i);
-    if (math::is_nan(c) || c == inf) bad = true;
-    const M z = row.logit(i);
+    const M z = row.logit(i);  // Switch's jitter can overflow a huge finite logit to +inf
+    if (math::is_nan(c) || c == inf || math::is_nan(z) || z == inf) bad = true;
     if (z > -inf) top = better_extreme(top, row_extreme<M>{z, i});
   }
   bad = lanes.any(bad);

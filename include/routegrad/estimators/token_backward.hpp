@@ -42,14 +42,14 @@ struct slot_view {
 };
 
 template <class Est, class M, class Lanes, class Row, class Slots>
-ROUTEGRAD_HD slot_view<M> recompute_slot(const Lanes& lanes, const Row& row,
-                                                                 const Slots& slots,
-                                                                 slot_softmax<M> shared,
-                                                                 M two_eps, int j) {
+ROUTEGRAD_HD slot_view<M> recompute_slot(const Lanes& lanes, const Row& row, const Slots& slots,
+                                         slot_softmax<M> shared, row_extreme<M> row_top, M two_eps,
+                                         int j) {
   slot_softmax<M> sm = shared;
   const index_t d = slots.expert(j);
   if constexpr (Est::per_slot_softmax) {
-    const row_extreme<M> top = max_where<M>(lanes, row, not_taken<Slots>{slots, j});
+    const row_extreme<M> top =
+        j == 0 ? row_top : max_where<M>(lanes, row, not_taken<Slots>{slots, j});
     if (top.index < 0) return {sm, M(0)};
     const slot_candidates<Est, M, Row, Slots> candidate{row, slots, j, top.value, two_eps};
     sm = {top.value, sum_exp_where(lanes, row, top.value, candidate)};
@@ -76,7 +76,8 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
   if (p.renormalize) {
     M s = M(0), q = M(0);
     for (int j = 0; j < p.k; ++j) {
-      const view_t v = recompute_slot<Est, M, Lanes, Row, Slots>(lanes, row, slots, shared, two_eps, j);
+      const view_t v = recompute_slot<Est, M, Lanes, Row, Slots>(lanes, row, slots, shared,
+                                                                 summary.top, two_eps, j);
       const M g = coin_scale<typename Est::rule, M>(slots.coin(j)) * v.pi_chosen;
       s += g;
       q += static_cast<M>(slots.grad_gate(j)) * g;
@@ -91,7 +92,8 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
 
   const M weight = static_cast<M>(Est::weight);
   for (int j = 0; j < p.k; ++j) {
-    const view_t v = recompute_slot<Est, M, Lanes, Row, Slots>(lanes, row, slots, shared, two_eps, j);
+    const view_t v = recompute_slot<Est, M, Lanes, Row, Slots>(lanes, row, slots, shared,
+                                                               summary.top, two_eps, j);
     if (!(v.pi_chosen > M(0)) || renorm_inv == M(0)) continue;
     M g = static_cast<M>(slots.grad_gate(j));
     if (p.renormalize) g = (g - renorm_shift) * renorm_inv;
@@ -118,7 +120,8 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
     const M lse = c.max + math::log(c.norm);
     for (index_t i = lanes.lane(); i < row.size(); i += lanes.count()) {
       const M pi = math::exp(row.clean(i) - c.max) / c.norm;
-      grad.add(i, aux.load_balance_scale * pi * (aux.fraction(i) - fp) + aux.z_loss_scale * lse * pi);
+      grad.add(i,
+               aux.load_balance_scale * pi * (aux.fraction(i) - fp) + aux.z_loss_scale * lse * pi);
     }
   }
   return true;

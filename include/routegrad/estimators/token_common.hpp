@@ -89,13 +89,23 @@ ROUTEGRAD_HD M coin_scale(int coin) {
   return coin == 0 ? M(1) : static_cast<M>(Rule::scale(coin - 1));
 }
 
-/// Switch jitter: the factor multiplying logit e of row t, 1 + ε(2u − 1) with u from Philox.
+/// Switch jitter from one Philox word: 1 + ε(2u − 1).
+template <class M>
+ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE M switch_noise_from_word(std::uint32_t word, M eps) {
+  const M u = static_cast<M>(uniform_open01(word));
+  return M(1) + eps * (M(2) * u - M(1));
+}
+
+/// The Philox block holding the jitter of experts 4g .. 4g+3 of row t.
+ROUTEGRAD_HD inline philox4x32 switch_noise_block(const rng_stream& rng, index_t t, index_t g) {
+  return rng.block(static_cast<std::uint64_t>(t), rng_purpose::switch_noise,
+                   static_cast<std::uint32_t>(g));
+}
+
+/// Switch jitter: the factor multiplying logit e of row t.
 template <class M>
 ROUTEGRAD_HD M switch_noise(const rng_stream& rng, index_t t, index_t e, M eps) {
-  const philox4x32 b = rng.block(static_cast<std::uint64_t>(t), rng_purpose::switch_noise,
-                                 static_cast<std::uint32_t>(e >> 2));
-  const M u = static_cast<M>(uniform_open01(b.v[e & 3]));
-  return M(1) + eps * (M(2) * u - M(1));
+  return switch_noise_from_word(switch_noise_block(rng, t, e >> 2).v[e & 3], eps);
 }
 
 }  // namespace routegrad

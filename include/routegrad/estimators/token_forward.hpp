@@ -21,7 +21,8 @@ struct token_outcome {
 /// Routes token `t`.
 template <class Est, class M, class Lanes, class Row, class Slots>
 ROUTEGRAD_HD token_outcome token_forward(const Lanes& lanes, const Row& row, Slots& slots,
-                                const token_params<M>& p, const rng_stream& rng, index_t t) {
+                                         const token_params<M>& p, const rng_stream& rng,
+                                         index_t t) {
   const row_summary<M> summary = summarize_row<M>(lanes, row);
   if (!summary.routable) {
     for (int j = 0; j < p.k; ++j) slots.record(j, j, M(0), 0);
@@ -44,7 +45,8 @@ ROUTEGRAD_HD token_outcome token_forward(const Lanes& lanes, const Row& row, Slo
     }
     const slot_candidates<Est, M, Row, Slots> candidate{row, slots, j, top.value, two_eps};
     slot_softmax<M> sm = shared;
-    if constexpr (Est::per_slot_softmax) sm = {top.value, sum_exp_where(lanes, row, top.value, candidate)};
+    if constexpr (Est::per_slot_softmax)
+      sm = {top.value, sum_exp_where(lanes, row, top.value, candidate)};
 
     index_t chosen = top.index;
     int coin = 0;
@@ -54,10 +56,12 @@ ROUTEGRAD_HD token_outcome token_forward(const Lanes& lanes, const Row& row, Slo
                                        static_cast<std::uint32_t>(j));
         const M target = static_cast<M>(uniform_open01(b.v[0])) * sm.norm;
         chosen = inverse_cdf_where(lanes, row, sm.max, target, candidate);
-        if (chosen != top.index) coin = draw_coin<typename Est::rule>(static_cast<M>(uniform_open01(b.v[1])));
+        if (chosen != top.index)
+          coin = draw_coin<typename Est::rule>(static_cast<M>(uniform_open01(b.v[1])));
       }
     }
-    const M gate = coin_scale<typename Est::rule, M>(coin) * math::exp(row.logit(chosen) - sm.max) / sm.norm;
+    const M gate =
+        coin_scale<typename Est::rule, M>(coin) * math::exp(row.logit(chosen) - sm.max) / sm.norm;
     slots.record(j, chosen, gate, coin);
     gate_sum += gate;
   }

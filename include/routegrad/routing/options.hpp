@@ -20,12 +20,12 @@ enum class grad_mode : std::uint8_t {
 
 /// Options shared by the forward and the backward of one routing step (pass the same to both).
 struct routing_options {
-  int k = 1;                          // experts per token, 1 ≤ k ≤ E
+  int k = 1;  // experts per token, 1 ≤ k ≤ E
   routing_mode mode = routing_mode::train;
-  double jitter_eps = 0.1;            // SparseMixer mask ε, or Switch noise ε; 0 ≤ ε < 0.5
-  bool renormalize = false;           // gates divided by their sum over the k slots
-  double load_balance_coef = 0.0;     // α of SPEC §5 (0: off)
-  double z_loss_coef = 0.0;           // β of SPEC §5 (0: off)
+  double jitter_eps = 0.1;         // SparseMixer mask ε, or Switch noise ε; 0 ≤ ε < 0.5
+  bool renormalize = false;        // gates divided by their sum over the k slots
+  double load_balance_coef = 0.0;  // α of SPEC §5 (0: off)
+  double z_loss_coef = 0.0;        // β of SPEC §5 (0: off)
 };
 
 /// The state the backward needs, in caller-owned memory (SPEC §4, docs/api.md "Routing state").
@@ -49,10 +49,10 @@ struct routing_state {
 /// expert_counts when load_balance_coef != 0.
 template <memory_space Space>
 struct routing_stats {
-  std::int64_t* expert_counts = nullptr;  // [E]: (token, slot) pairs routed to each expert
-  double* load_balance_loss = nullptr;    // α·E·Σ_e f_e·P_e
-  double* z_loss = nullptr;               // β·mean_t logsumexp(z_t)²
-  std::int64_t* nonfinite_rows = nullptr; // rows that could not be routed fully (SPEC §7)
+  std::int64_t* expert_counts = nullptr;   // [E]: (token, slot) pairs routed to each expert
+  double* load_balance_loss = nullptr;     // α·E·Σ_e f_e·P_e
+  double* z_loss = nullptr;                // β·mean_t logsumexp(z_t)²
+  std::int64_t* nonfinite_rows = nullptr;  // rows that could not be routed fully (SPEC §7)
 };
 
 using host_routing_state = routing_state<memory_space::host>;

@@ -97,7 +97,8 @@ status check_forward(const routing_options& opt, const strided_view<TL, 2, S>& l
   ROUTEGRAD_RETURN_IF_ERROR(check_options_and_logits(opt, logits, state.rng));
   const index_t rows = logits.extent(0);
   ROUTEGRAD_RETURN_IF_ERROR(check_state_views<Est>(state, rows, opt.k, true));
-  if (!shape_is(gates, rows, opt.k)) return {status_code::invalid_shape, "gates: shape must be [T, k]"};
+  if (!shape_is(gates, rows, opt.k))
+    return {status_code::invalid_shape, "gates: shape must be [T, k]"};
   if (!has_data(gates)) return {status_code::null_pointer, "gates: null data"};
   if (!writable_without_overlap(gates))
     return {status_code::invalid_stride, "gates: strides overlap or are negative"};
