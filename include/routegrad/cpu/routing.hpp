@@ -13,6 +13,7 @@
 #include <omp.h>
 #endif
 
+#include "../estimators/staged_row.hpp"
 #include "../estimators/token_backward.hpp"
 #include "../estimators/token_forward.hpp"
 #include "../routing/options.hpp"
@@ -33,20 +34,6 @@ using math_t = std::conditional_t<std::is_same_v<std::remove_cv_t<T>, double>, d
 inline constexpr index_t reduction_block = 256;
 
 namespace detail {
-
-/// A row staged contiguously in the math type (stage_row); `noise` (when set) is the staged
-/// Switch jitter of this row.
-template <class M>
-struct logits_row {
-  const M* values;
-  index_t n;
-  const M* noise;  // null: no jitter
-
-  ROUTEGRAD_HD index_t size() const { return n; }
-  ROUTEGRAD_HD M clean(index_t i) const { return values[i]; }
-  ROUTEGRAD_HD M logit(index_t i) const { return noise ? values[i] * noise[i] : values[i]; }
-  ROUTEGRAD_HD M chain(index_t i) const { return noise ? noise[i] : M(1); }
-};
 
 template <class G, class M>
 struct forward_slots {
@@ -84,8 +71,8 @@ struct backward_slots {
 template <class M>
 struct scratch_grad {
   M* values;
-  ROUTEGRAD_HD void add(index_t i, M v) { values[i] += v; }
-  ROUTEGRAD_HD void scale(index_t i, M f) { values[i] *= f; }
+  ROUTEGRAD_HD void add(int i, M v) { values[i] += v; }
+  ROUTEGRAD_HD void scale(int i, M f) { values[i] *= f; }
 };
 
 template <class M>
@@ -123,7 +110,7 @@ void for_each_block(index_t rows, const execution& exec, index_t scratch_size, B
 /// training, its jitter into `scratch + n`: each row is read from the caller's memory once, and
 /// the jitter costs one Philox block per four experts.
 template <class Est, class M, class T>
-logits_row<M> stage_row(const routing_options& opt, const rng_stream& rng,
+staged_row<M> stage_row(const routing_options& opt, const rng_stream& rng,
                         const host_view<T, 2>& logits, index_t t, M* scratch) {
   const index_t n = logits.extent(1), s = logits.stride(1);
   const T* src = logits.data_handle() + t * logits.stride(0);
@@ -141,7 +128,7 @@ logits_row<M> stage_row(const routing_options& opt, const rng_stream& rng,
     }
   }
   (void)opt, (void)rng;
-  return {scratch, n, noise};
+  return {scratch, static_cast<int>(n), noise};
 }
 
 template <class M>
@@ -175,7 +162,7 @@ status run_forward(const routing_options& opt, host_view<TL, 2> logits,
     std::int64_t bad = 0;
     double lse2 = 0.0;
     for (index_t t = t0; t < t1; ++t) {
-      const detail::logits_row<M> row = detail::stage_row<Est>(opt, state.rng, logits, t, scratch);
+      const staged_row<M> row = detail::stage_row<Est>(opt, state.rng, logits, t, scratch);
       detail::forward_slots<G, M> slots{state.experts.data_handle() + t * state.experts.stride(0),
                                         state.experts.stride(1),
                                         state.coins.data_handle()
@@ -273,7 +260,7 @@ status run_backward(const routing_options& opt, host_view<TL, 2> logits,
   detail::for_each_block<M>(rows, exec, 3 * n, [&](index_t t0, index_t t1, index_t, M* scratch) {
     M* grad = scratch + 2 * n;
     for (index_t t = t0; t < t1; ++t) {
-      const detail::logits_row<M> row = detail::stage_row<Est>(opt, state.rng, logits, t, scratch);
+      const staged_row<M> row = detail::stage_row<Est>(opt, state.rng, logits, t, scratch);
       const detail::backward_slots<std::remove_const_t<GG>> slots{
           state.experts.data_handle() + t * state.experts.stride(0),
           state.experts.stride(1),

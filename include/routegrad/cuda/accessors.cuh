@@ -4,35 +4,31 @@
 
 #include <cstdint>
 
+#include "../estimators/staged_row.hpp"
 #include "../estimators/token_common.hpp"
 #include "convert.cuh"
 
 namespace routegrad::cuda::detail {
 
-/// A row of the caller's logits in global memory. With Noisy (Switch in training) the jitter is
-/// recomputed from Philox where it is needed rather than stored.
-template <class T, class M, bool Noisy>
-struct device_row {
-  const T* data;
-  index_t stride;
-  index_t n;
-  rng_stream rng;
-  index_t token;
-  M noise_eps;  // 0: no jitter
-
-  __device__ index_t size() const { return n; }
-  __device__ M clean(index_t i) const { return to_math<M>(data[i * stride]); }
-  __device__ M chain(index_t i) const {
-    if constexpr (Noisy) {
-      if (noise_eps != M(0)) return switch_noise<M>(rng, token, i, noise_eps);
+/// Stages row t of the logits (and Switch's jitter when `noise_eps` != 0) into the group's
+/// shared memory: one coalesced read of the row, then every pass of the per-token rules reads
+/// shared memory. Ends with a __syncwarp so every lane of the group sees every element.
+template <class Lanes, class T, class M>
+__device__ staged_row<M> stage_row(const Lanes& lanes, const T* src, index_t stride, int n,
+                                   const rng_stream& rng, index_t t, M noise_eps, M* values,
+                                   M* noise) {
+  __syncwarp(lanes.mask);  // every lane is done with the previous row
+  for (int i = lanes.lane(); i < n; i += lanes.count()) values[i] = to_math<M>(src[i * stride]);
+  if (noise_eps != M(0)) {
+    for (int g = lanes.lane(); 4 * g < n; g += lanes.count()) {
+      const philox4x32 b = switch_noise_block(rng, t, g);
+      for (int w = 0; w < 4 && 4 * g + w < n; ++w)
+        noise[4 * g + w] = switch_noise_from_word(b.v[w], noise_eps);
     }
-    return M(1);
   }
-  __device__ M logit(index_t i) const {
-    if constexpr (Noisy) return clean(i) * chain(i);
-    return clean(i);
-  }
-};
+  __syncwarp(lanes.mask);
+  return {values, n, noise_eps != M(0) ? noise : nullptr};
+}
 
 /// Forward slots: every lane keeps the first KMax choices in registers (they are read back by the
 /// later slots); the group's first lane writes the caller's buffers. Slots past KMax are read back
@@ -92,8 +88,8 @@ struct device_backward_slots {
 template <class M>
 struct shared_grad {
   M* values;
-  __device__ void add(index_t i, M v) { values[i] += v; }
-  __device__ void scale(index_t i, M f) { values[i] *= f; }
+  __device__ void add(int i, M v) { values[i] += v; }
+  __device__ void scale(int i, M f) { values[i] *= f; }
 };
 
 template <class M>

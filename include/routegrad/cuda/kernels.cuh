@@ -34,12 +34,22 @@ struct forward_args {
   unsigned long long* nonfinite;  // stats.nonfinite_rows, may be null
 };
 
-template <class Est, class M, class T>
-__device__ device_row<T, M, Est::noisy> make_row(const T* logits, index_t t, index_t s0, index_t s1,
-                                                 index_t n, const routing_options& opt,
-                                                 const rng_stream& rng) {
+/// Shared memory per token group: the staged row, Switch's jitter, and (backward) the gradient row.
+template <class Est, class M>
+__host__ __device__ constexpr int shared_rows(bool backward) {
+  return 1 + (Est::noisy ? 1 : 0) + (backward ? 1 : 0);
+}
+
+/// This group's slice of the dynamic shared memory.
+template <class M, int Width>
+__device__ M* group_shared(unsigned char* base, int cols, int rows_per_group) {
+  return reinterpret_cast<M*>(base) + (threadIdx.x / Width) * cols * rows_per_group;
+}
+
+template <class Est, class M>
+__device__ M noise_eps_of(const routing_options& opt) {
   const bool jitter = Est::noisy && opt.mode == routing_mode::train && opt.jitter_eps > 0.0;
-  return {logits + t * s0, s1, n, rng, t, jitter ? static_cast<M>(opt.jitter_eps) : M(0)};
+  return jitter ? static_cast<M>(opt.jitter_eps) : M(0);
 }
 
 template <class M>
@@ -50,13 +60,17 @@ __device__ token_params<M> params_of(const routing_options& opt) {
 template <class Est, int Width, class T, class G>
 __global__ void __launch_bounds__(256) forward_kernel(const forward_args<T, G> a) {
   using M = math_t<T>;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
   const warp_lanes<Width> lanes = warp_lanes<Width>::make();
   const index_t groups = blockDim.x / Width;
   const index_t stride = static_cast<index_t>(gridDim.x) * groups;
   const token_params<M> params = params_of<M>(a.opt);
+  const int n = static_cast<int>(a.cols);
+  M* values = group_shared<M, Width>(shared_bytes, n, shared_rows<Est, M>(false));
+  const M noise_eps = noise_eps_of<Est, M>(a.opt);
   for (index_t t = blockIdx.x * groups + threadIdx.x / Width; t < a.rows; t += stride) {
-    const auto row =
-        make_row<Est, M>(a.logits, t, a.logit_stride0, a.logit_stride1, a.cols, a.opt, a.rng);
+    const staged_row<M> row = stage_row(lanes, a.logits + t * a.logit_stride0, a.logit_stride1, n,
+                                        a.rng, t, noise_eps, values, values + n);
     device_forward_slots<G, M, register_slots> slots{
         a.experts + t * a.expert_stride0,
         a.expert_stride1,
@@ -73,7 +87,7 @@ __global__ void __launch_bounds__(256) forward_kernel(const forward_args<T, G> a
       if (!outcome.complete && a.nonfinite) atomicAdd(a.nonfinite, 1ull);
       if (outcome.routable && a.counts)
         for (int j = 0; j < a.opt.k; ++j) {
-          const index_t e = slots.expert(j);
+          const int e = static_cast<int>(slots.expert(j));
           if (row.clean(e) > -math::infinity<M>()) atomicAdd(a.counts + e, 1ull);
         }
     }
@@ -105,7 +119,10 @@ __global__ void __launch_bounds__(256) backward_kernel(const backward_args<T, GG
   const warp_lanes<Width> lanes = warp_lanes<Width>::make();
   const index_t groups = blockDim.x / Width;
   const index_t stride = static_cast<index_t>(gridDim.x) * groups;
-  M* scratch = reinterpret_cast<M*>(shared_bytes) + (threadIdx.x / Width) * a.cols;
+  const int n = static_cast<int>(a.cols);
+  M* values = group_shared<M, Width>(shared_bytes, n, shared_rows<Est, M>(true));
+  M* scratch = values + (shared_rows<Est, M>(true) - 1) * n;
+  const M noise_eps = noise_eps_of<Est, M>(a.opt);
   const token_params<M> params = params_of<M>(a.opt);
   const M inv_rows = M(1) / static_cast<M>(a.rows);
   const aux_gradient<M, device_count_fraction<M>> aux{
@@ -114,15 +131,15 @@ __global__ void __launch_bounds__(256) backward_kernel(const backward_args<T, GG
       {a.opt.load_balance_coef != 0.0 ? a.counts : nullptr,
        M(1) / (static_cast<M>(a.rows) * static_cast<M>(a.opt.k))}};
   for (index_t t = blockIdx.x * groups + threadIdx.x / Width; t < a.rows; t += stride) {
-    const auto row =
-        make_row<Est, M>(a.logits, t, a.logit_stride0, a.logit_stride1, a.cols, a.opt, a.rng);
+    const staged_row<M> row = stage_row(lanes, a.logits + t * a.logit_stride0, a.logit_stride1, n,
+                                        a.rng, t, noise_eps, values, values + n);
     const device_backward_slots<GG, M> slots{a.experts + t * a.expert_stride0,
                                              a.expert_stride1,
                                              a.coins ? a.coins + t * a.coin_stride0 : nullptr,
                                              a.coin_stride1,
                                              a.grad_gates + t * a.grad_gate_stride0,
                                              a.grad_gate_stride1};
-    for (index_t i = lanes.lane(); i < a.cols; i += Width) scratch[i] = M(0);
+    for (int i = lanes.lane(); i < n; i += Width) scratch[i] = M(0);
     // A state that names an expert or coin out of range (the CPU back end rejects it with a
     // status; here that would need a synchronisation) gets a zero gradient row.
     bool valid_state = true;
@@ -135,7 +152,7 @@ __global__ void __launch_bounds__(256) backward_kernel(const backward_args<T, GG
       token_backward<Est, M>(lanes, row, slots, acc, params, aux);
     }
     GL* out = a.grad_logits + t * a.grad_stride0;
-    for (index_t i = lanes.lane(); i < a.cols; i += Width) {
+    for (int i = lanes.lane(); i < n; i += Width) {
       GL& o = out[i * a.grad_stride1];
       o = from_math<GL>(a.accumulate ? to_math<M>(o) + scratch[i] : scratch[i]);
     }
@@ -150,6 +167,7 @@ __global__ void __launch_bounds__(256)
     loss_partials_kernel(const T* logits, index_t rows, index_t cols, index_t s0, index_t s1,
                          routing_options opt, rng_stream rng, double* partial) {
   using M = math_t<T>;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
   __shared__ M row_max[stats_block_tokens];
   __shared__ M row_norm[stats_block_tokens];
   __shared__ bool row_ok[stats_block_tokens];
@@ -157,8 +175,12 @@ __global__ void __launch_bounds__(256)
   const index_t first = static_cast<index_t>(blockIdx.x) * stats_block_tokens;
   const index_t count = rows - first < stats_block_tokens ? rows - first : stats_block_tokens;
   const index_t groups = blockDim.x / Width;
+  const int n = static_cast<int>(cols);
+  M* values = group_shared<M, Width>(shared_bytes, n, shared_rows<Est, M>(false));
+  const M noise_eps = noise_eps_of<Est, M>(opt);
   for (index_t r = threadIdx.x / Width; r < count; r += groups) {
-    const auto row = make_row<Est, M>(logits, first + r, s0, s1, cols, opt, rng);
+    const staged_row<M> row = stage_row(lanes, logits + (first + r) * s0, s1, n, rng, first + r,
+                                        noise_eps, values, values + n);
     const row_summary<M> summary = summarize_row<M>(lanes, row);
     slot_softmax<M> c{M(0), M(1)};
     if (summary.routable) c = clean_softmax<Est, M>(lanes, row, summary.top.value);

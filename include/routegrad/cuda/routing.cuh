@@ -58,8 +58,44 @@ bool aligned(const void* p) {
   return reinterpret_cast<std::uintptr_t>(p) % alignof(T) == 0;
 }
 
-/// Lanes per token: a thread per token for small E, a full warp for large E.
-inline int lanes_for(index_t cols) { return cols <= 8 ? 1 : (cols <= 64 ? 8 : 32); }
+/// Lanes per token (1, 8 or 32): about four elements per lane, widened for small batches so
+/// that enough threads are in flight.
+inline int lanes_for(index_t rows, index_t cols) {
+  int width = cols <= 8 ? 1 : (cols <= 64 ? 8 : 32);
+  while (width < 32 && rows * width < 65536) width = width == 1 ? 8 : 32;
+  return width;
+}
+
+/// Threads per block and dynamic shared memory of a kernel with `bytes_per_group` of shared
+/// memory per token group; opts the kernel in to more than 48 KiB when one group needs it.
+struct launch_shape {
+  int threads;
+  std::size_t shared;
+};
+
+template <class Kernel>
+status shape_for(Kernel kernel, int width, std::size_t bytes_per_group, launch_shape& out) {
+  int threads = 256;
+  while (threads > 32 && static_cast<std::size_t>(threads / width) * bytes_per_group > 48 * 1024)
+    threads /= 2;
+  const std::size_t shared = static_cast<std::size_t>(threads / width) * bytes_per_group;
+  if (shared > 48 * 1024) {
+    int device = 0, max_shared = 0;
+    ROUTEGRAD_CUDA_TRY(cudaGetDevice(&device), "cudaGetDevice");
+    ROUTEGRAD_CUDA_TRY(
+        cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+        "cudaDeviceGetAttribute");
+    if (shared > static_cast<std::size_t>(max_shared))
+      return {
+          status_code::not_supported,
+          "logits: E too large for the CUDA back end (a token's rows must fit in shared memory)"};
+    ROUTEGRAD_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(shared)),
+                       "cudaFuncSetAttribute(shared memory)");
+  }
+  out = {threads, shared};
+  return status::ok();
+}
 
 inline unsigned grid_for(index_t rows, int threads, int width) {
   const index_t groups = threads / width;
@@ -68,8 +104,8 @@ inline unsigned grid_for(index_t rows, int threads, int width) {
 }
 
 template <class Launch>
-void dispatch_width(index_t cols, Launch launch) {
-  switch (lanes_for(cols)) {
+void dispatch_width(int width, Launch launch) {
+  switch (width) {
     case 1:
       launch(std::integral_constant<int, 1>{});
       break;
@@ -129,6 +165,23 @@ status run_forward(const routing_options& opt, device_view<TL, 2> logits,
         detail::check_device_pointer(exec.workspace, "exec.workspace: not device memory"));
   }
 
+  // Launch shapes (this can still reject a too-large E) before anything is written.
+  using M = math_t<T>;
+  const int width = detail::lanes_for(rows, cols);
+  const std::size_t group_bytes = static_cast<std::size_t>(cols) * sizeof(M) *
+                                  static_cast<std::size_t>(detail::shared_rows<Est, M>(false));
+  detail::launch_shape fwd_shape{}, loss_shape{};
+  status shape_status = status::ok();
+  detail::dispatch_width(width, [&](auto w) {
+    constexpr int W = decltype(w)::value;
+    shape_status =
+        detail::shape_for(detail::forward_kernel<Est, W, T, G>, W, group_bytes, fwd_shape);
+    if (shape_status.is_ok() && need > 0)
+      shape_status =
+          detail::shape_for(detail::loss_partials_kernel<Est, W, T>, W, group_bytes, loss_shape);
+  });
+  ROUTEGRAD_RETURN_IF_ERROR(shape_status);
+
   // Everything is valid: from here on only CUDA can fail.
   cudaStream_t s = exec.stream;
   if (stats.expert_counts)
@@ -177,18 +230,20 @@ status run_forward(const routing_options& opt, device_view<TL, 2> logits,
                                      state.rng,
                                      reinterpret_cast<unsigned long long*>(counts),
                                      reinterpret_cast<unsigned long long*>(stats.nonfinite_rows)};
-  constexpr int threads = 256;
-  detail::dispatch_width(cols, [&](auto width) {
-    constexpr int W = decltype(width)::value;
-    detail::forward_kernel<Est, W><<<detail::grid_for(rows, threads, W), threads, 0, s>>>(a);
+  detail::dispatch_width(width, [&](auto w) {
+    constexpr int W = decltype(w)::value;
+    detail::forward_kernel<Est, W>
+        <<<detail::grid_for(rows, fwd_shape.threads, W), fwd_shape.threads, fwd_shape.shared, s>>>(
+            a);
     if (need > 0)
-      detail::loss_partials_kernel<Est, W><<<static_cast<unsigned>(blocks), threads, 0, s>>>(
-          logits.data_handle(), rows, cols, logits.stride(0), logits.stride(1), opt, state.rng,
-          static_cast<double*>(workspace));
+      detail::loss_partials_kernel<Est, W>
+          <<<static_cast<unsigned>(blocks), loss_shape.threads, loss_shape.shared, s>>>(
+              logits.data_handle(), rows, cols, logits.stride(0), logits.stride(1), opt, state.rng,
+              static_cast<double*>(workspace));
   });
   ROUTEGRAD_CUDA_TRY(cudaGetLastError(), "forward kernel launch");
   if (need > 0) {
-    detail::loss_finish_kernel<><<<1, threads, 0, s>>>(
+    detail::loss_finish_kernel<><<<1, 256, 0, s>>>(
         static_cast<double*>(workspace), blocks, rows, cols, opt.k, opt.load_balance_coef,
         opt.z_loss_coef, counts, stats.load_balance_loss, stats.z_loss);
     ROUTEGRAD_CUDA_TRY(cudaGetLastError(), "loss kernel launch");
@@ -237,23 +292,18 @@ status run_backward(const routing_options& opt, device_view<TL, 2> logits,
         stats.expert_counts, "stats.expert_counts: not device memory"));
   if (rows == 0) return status::ok();
 
-  // One shared-memory gradient row per token group.
-  int device = 0;
-  ROUTEGRAD_CUDA_TRY(cudaGetDevice(&device), "cudaGetDevice");
-  int max_shared = 0;
-  ROUTEGRAD_CUDA_TRY(
-      cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-      "cudaDeviceGetAttribute");
-  const int width = detail::lanes_for(cols);
-  const std::size_t row_bytes = static_cast<std::size_t>(cols) * sizeof(M);
-  int threads = 256;
-  while (threads > 32 && static_cast<std::size_t>(threads / width) * row_bytes > 48 * 1024)
-    threads /= 2;
-  const std::size_t shared = static_cast<std::size_t>(threads / width) * row_bytes;
-  if (shared > static_cast<std::size_t>(max_shared))
-    return {status_code::not_supported,
-            "logits: E too large for the CUDA backward (one gradient row per token group must fit "
-            "in shared memory)"};
+  // Shared memory per token group: the staged row (+ jitter) and the gradient row.
+  const int width = detail::lanes_for(rows, cols);
+  const std::size_t group_bytes = static_cast<std::size_t>(cols) * sizeof(M) *
+                                  static_cast<std::size_t>(detail::shared_rows<Est, M>(true));
+  detail::launch_shape shape{};
+  status shape_status = status::ok();
+  detail::dispatch_width(width, [&](auto w) {
+    constexpr int W = decltype(w)::value;
+    shape_status = detail::shape_for(
+        detail::backward_kernel<Est, W, T, std::remove_const_t<GG>, GL>, W, group_bytes, shape);
+  });
+  ROUTEGRAD_RETURN_IF_ERROR(shape_status);
 
   const detail::backward_args<T, std::remove_const_t<GG>, GL> a{logits.data_handle(),
                                                                 rows,
@@ -276,17 +326,11 @@ status run_backward(const routing_options& opt, device_view<TL, 2> logits,
                                                                 opt,
                                                                 state.rng,
                                                                 stats.expert_counts};
-  cudaError_t err = cudaSuccess;
-  detail::dispatch_width(cols, [&](auto w) {
+  detail::dispatch_width(width, [&](auto w) {
     constexpr int W = decltype(w)::value;
-    auto kernel = detail::backward_kernel<Est, W, T, std::remove_const_t<GG>, GL>;
-    if (shared > 48 * 1024)
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(shared));
-    if (err == cudaSuccess)
-      kernel<<<detail::grid_for(rows, threads, W), threads, shared, exec.stream>>>(a);
+    detail::backward_kernel<Est, W, T, std::remove_const_t<GG>, GL>
+        <<<detail::grid_for(rows, shape.threads, W), shape.threads, shape.shared, exec.stream>>>(a);
   });
-  ROUTEGRAD_CUDA_TRY(err, "cudaFuncSetAttribute(backward shared memory)");
   ROUTEGRAD_CUDA_TRY(cudaGetLastError(), "backward kernel launch");
   return status::ok();
 }

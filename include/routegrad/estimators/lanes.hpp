@@ -16,7 +16,7 @@ namespace routegrad {
 template <class M>
 struct row_extreme {
   M value;
-  index_t index;
+  int index;  // < 2^24: E is validated
 };
 
 /// Combines two row_extremes: larger value wins, ties go to the lower index, "none" loses.
@@ -43,7 +43,7 @@ struct serial_lanes {
     return x;
   }
   ROUTEGRAD_HD bool any(bool x) const { return x; }
-  ROUTEGRAD_HD index_t max_index(index_t x) const { return x; }
+  ROUTEGRAD_HD int max_index(int x) const { return x; }
   /// Inclusive prefix sum across lanes (lane l gets the sum of lanes 0..l).
   template <class M>
   ROUTEGRAD_HD M inclusive_scan(M x) const {

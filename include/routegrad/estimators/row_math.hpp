@@ -33,7 +33,7 @@ ROUTEGRAD_HD row_summary<M> summarize_row(const Lanes& lanes, const Row& row) {
   const M inf = math::infinity<M>();
   bool bad = false;
   row_extreme<M> top{-inf, -1};
-  for (index_t i = lanes.lane(); i < row.size(); i += lanes.count()) {
+  for (int i = lanes.lane(); i < row.size(); i += lanes.count()) {
     const M c = row.clean(i);
     const M z = row.logit(i);  // Switch's jitter can overflow a huge finite logit to +inf
     if (math::is_nan(c) || c == inf || math::is_nan(z) || z == inf) bad = true;
@@ -49,7 +49,7 @@ template <class M, class Lanes, class Row, class Include>
 ROUTEGRAD_HD row_extreme<M> max_where(const Lanes& lanes, const Row& row, Include include) {
   const M inf = math::infinity<M>();
   row_extreme<M> top{-inf, -1};
-  for (index_t i = lanes.lane(); i < row.size(); i += lanes.count()) {
+  for (int i = lanes.lane(); i < row.size(); i += lanes.count()) {
     const M z = row.logit(i);
     if (z > -inf && include(i)) top = better_extreme(top, row_extreme<M>{z, i});
   }
@@ -60,7 +60,7 @@ ROUTEGRAD_HD row_extreme<M> max_where(const Lanes& lanes, const Row& row, Includ
 template <class M, class Lanes, class Row, class Include>
 ROUTEGRAD_HD M sum_exp_where(const Lanes& lanes, const Row& row, M m, Include include) {
   M s = M(0);
-  for (index_t i = lanes.lane(); i < row.size(); i += lanes.count()) {
+  for (int i = lanes.lane(); i < row.size(); i += lanes.count()) {
     if (include(i)) s += math::exp(row.logit(i) - m);
   }
   return lanes.sum(s);
@@ -70,7 +70,7 @@ ROUTEGRAD_HD M sum_exp_where(const Lanes& lanes, const Row& row, M m, Include in
 template <class M, class Lanes, class Row>
 ROUTEGRAD_HD M sum_exp_clean(const Lanes& lanes, const Row& row, M m) {
   M s = M(0);
-  for (index_t i = lanes.lane(); i < row.size(); i += lanes.count()) {
+  for (int i = lanes.lane(); i < row.size(); i += lanes.count()) {
     s += math::exp(row.clean(i) - m);
   }
   return lanes.sum(s);
@@ -80,14 +80,14 @@ ROUTEGRAD_HD M sum_exp_clean(const Lanes& lanes, const Row& row, M m) {
 /// exp(logit − m) exceeds `target` (= u · Σ, u in (0,1)). If rounding leaves the target unreached,
 /// the last included entry with positive weight is taken. Needs one uniform, not one per expert.
 template <class M, class Lanes, class Row, class Include>
-ROUTEGRAD_HD index_t inverse_cdf_where(const Lanes& lanes, const Row& row, M m, M target,
-                                       Include include) {
-  const index_t n = row.size();
+ROUTEGRAD_HD int inverse_cdf_where(const Lanes& lanes, const Row& row, M m, M target,
+                                   Include include) {
+  const int n = row.size();
   const int L = lanes.count();
   M carry = M(0);
-  index_t last_positive = -1;
-  for (index_t base = 0; base < n; base += L) {
-    const index_t i = base + lanes.lane();
+  int last_positive = -1;
+  for (int base = 0; base < n; base += L) {
+    const int i = base + lanes.lane();
     M p = M(0);
     if (i < n && include(i)) p = math::exp(row.logit(i) - m);
     const M running = carry + lanes.inclusive_scan(p);

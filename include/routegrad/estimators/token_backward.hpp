@@ -27,7 +27,7 @@ ROUTEGRAD_HD slot_softmax<M> clean_softmax(const Lanes& lanes, const Row& row, M
   if constexpr (Est::noisy) {
     const M inf = math::infinity<M>();
     row_extreme<M> top{-inf, -1};
-    for (index_t i = lanes.lane(); i < row.size(); i += lanes.count())
+    for (int i = lanes.lane(); i < row.size(); i += lanes.count())
       if (row.clean(i) > -inf) top = better_extreme(top, row_extreme<M>{row.clean(i), i});
     m = lanes.argmax(top).value;
   }
@@ -46,7 +46,7 @@ ROUTEGRAD_HD slot_view<M> recompute_slot(const Lanes& lanes, const Row& row, con
                                          slot_softmax<M> shared, row_extreme<M> row_top, M two_eps,
                                          int j) {
   slot_softmax<M> sm = shared;
-  const index_t d = slots.expert(j);
+  const int d = static_cast<int>(slots.expert(j));
   if constexpr (Est::per_slot_softmax) {
     const row_extreme<M> top =
         j == 0 ? row_top : max_where<M>(lanes, row, not_taken<Slots>{slots, j});
@@ -98,27 +98,27 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
     M g = static_cast<M>(slots.grad_gate(j));
     if (p.renormalize) g = (g - renorm_shift) * renorm_inv;
     const M coef = weight * g * v.pi_chosen;
-    const index_t d = slots.expert(j);
+    const int d = static_cast<int>(slots.expert(j));
     const slot_candidates<Est, M, Row, Slots> candidate{row, slots, j, v.sm.max, two_eps};
-    for (index_t i = lanes.lane(); i < row.size(); i += lanes.count()) {
+    for (int i = lanes.lane(); i < row.size(); i += lanes.count()) {
       M add = i == d ? coef : M(0);
       if (candidate(i)) add -= coef * math::exp(row.logit(i) - v.sm.max) / v.sm.norm;
       grad.add(i, add);
     }
   }
   if constexpr (Est::noisy)
-    for (index_t i = lanes.lane(); i < row.size(); i += lanes.count()) grad.scale(i, row.chain(i));
+    for (int i = lanes.lane(); i < row.size(); i += lanes.count()) grad.scale(i, row.chain(i));
 
   if (aux.load_balance_scale != M(0) || aux.z_loss_scale != M(0)) {
     const slot_softmax<M> c = clean_softmax<Est, M>(lanes, row, summary.top.value);
     M fp = M(0);
     if (aux.load_balance_scale != M(0)) {
-      for (index_t i = lanes.lane(); i < row.size(); i += lanes.count())
+      for (int i = lanes.lane(); i < row.size(); i += lanes.count())
         fp += aux.fraction(i) * math::exp(row.clean(i) - c.max);
       fp = lanes.sum(fp) / c.norm;
     }
     const M lse = c.max + math::log(c.norm);
-    for (index_t i = lanes.lane(); i < row.size(); i += lanes.count()) {
+    for (int i = lanes.lane(); i < row.size(); i += lanes.count()) {
       const M pi = math::exp(row.clean(i) - c.max) / c.norm;
       grad.add(i,
                aux.load_balance_scale * pi * (aux.fraction(i) - fp) + aux.z_loss_scale * lse * pi);

@@ -26,16 +26,16 @@ struct slot_softmax {
 
 /// Whether expert i was taken by a slot before `slot` (reads Slots::expert).
 template <class Slots>
-ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE bool taken_before(const Slots& slots, int slot, index_t i) {
+ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE bool taken_before(const Slots& slots, int slot, int i) {
   for (int l = 0; l < slot; ++l)
-    if (static_cast<index_t>(slots.expert(l)) == i) return true;
+    if (static_cast<int>(slots.expert(l)) == i) return true;
   return false;
 }
 
 /// The lowest expert no earlier slot took: where a slot with no candidate goes (SPEC §7).
 template <class Slots>
-ROUTEGRAD_HD index_t lowest_free_expert(const Slots& slots, int slot) {
-  index_t i = 0;
+ROUTEGRAD_HD int lowest_free_expert(const Slots& slots, int slot) {
+  int i = 0;
   while (taken_before(slots, slot, i)) ++i;
   return i;
 }
@@ -51,7 +51,7 @@ struct slot_candidates {
   M slot_max;
   M two_eps;
 
-  ROUTEGRAD_HD bool operator()(index_t i) const {
+  ROUTEGRAD_HD bool operator()(int i) const {
     if constexpr (Est::per_slot_softmax) {
       if (taken_before(slots, slot, i)) return false;
       if constexpr (Est::jitter_mask) return !jitter_masked(row.logit(i), slot_max, two_eps);
@@ -65,11 +65,11 @@ template <class Slots>
 struct not_taken {
   const Slots& slots;
   int slot;
-  ROUTEGRAD_HD bool operator()(index_t i) const { return !taken_before(slots, slot, i); }
+  ROUTEGRAD_HD bool operator()(int i) const { return !taken_before(slots, slot, i); }
 };
 
 struct any_expert {
-  ROUTEGRAD_HD bool operator()(index_t) const { return true; }
+  ROUTEGRAD_HD bool operator()(int) const { return true; }
 };
 
 /// The coin of a quadrature rule: 0 → c = 1, n ≥ 1 → node n−1, from a uniform u in (0, 1).
@@ -104,7 +104,7 @@ ROUTEGRAD_HD inline philox4x32 switch_noise_block(const rng_stream& rng, index_t
 
 /// Switch jitter: the factor multiplying logit e of row t.
 template <class M>
-ROUTEGRAD_HD M switch_noise(const rng_stream& rng, index_t t, index_t e, M eps) {
+ROUTEGRAD_HD M switch_noise(const rng_stream& rng, index_t t, int e, M eps) {
   return switch_noise_from_word(switch_noise_block(rng, t, e >> 2).v[e & 3], eps);
 }
 

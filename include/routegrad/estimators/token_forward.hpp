@@ -48,7 +48,7 @@ ROUTEGRAD_HD token_outcome token_forward(const Lanes& lanes, const Row& row, Slo
     if constexpr (Est::per_slot_softmax)
       sm = {top.value, sum_exp_where(lanes, row, top.value, candidate)};
 
-    index_t chosen = top.index;
+    int chosen = top.index;
     int coin = 0;
     if constexpr (Est::sampled) {
       if (p.train) {
