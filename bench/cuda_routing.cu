@@ -57,7 +57,7 @@ T convert(float x) {
     return static_cast<T>(x);
 }
 
-enum class phase { forward, backward, both };
+enum class phase { forward, backward, both, graph };  // graph: fwd + bwd replayed from a CUDA graph
 
 template <class Est, class T>
 void BM_routing(benchmark::State& state, phase what) {
@@ -91,31 +91,49 @@ void BM_routing(benchmark::State& state, phase what) {
   cuda::device_routing_state st{device_view<std::int32_t, 2>(experts, {rows, k}),
                                 device_view<std::uint8_t, 2>(coins, {rows, k}),
                                 {7, 0, 0}};
+  cudaStream_t stream = nullptr;
+  cudaStreamCreate(&stream);
+  const cuda::execution exec{stream, nullptr, 0};
   auto fwd = [&] {
-    check(route_forward<Est>(opt, z, st, device_view<float, 2>(gates, {rows, k})));
+    check(route_forward<Est>(opt, z, st, device_view<float, 2>(gates, {rows, k}), {}, exec));
   };
   auto bwd = [&] {
     check(route_backward<Est>(opt, z, st, device_view<const float, 2>(grad_gates, {rows, k}),
-                              device_view<T, 2>(grad, {rows, cols})));
+                              device_view<T, 2>(grad, {rows, cols}), grad_mode::overwrite, {},
+                              exec));
   };
   fwd();
   bwd();
-  cudaDeviceSynchronize();
+  cudaStreamSynchronize(stream);
+  // Graph replay: the GPU time of the two kernels alone, without the host-side checks.
+  cudaGraphExec_t graph_exec = nullptr;
+  if (what == phase::graph) {
+    cudaGraph_t graph = nullptr;
+    cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal);
+    fwd();
+    bwd();
+    cudaStreamEndCapture(stream, &graph);
+    cudaGraphInstantiate(&graph_exec, graph, 0);
+    cudaGraphDestroy(graph);
+  }
   cudaEvent_t start, stop;
   cudaEventCreate(&start);
   cudaEventCreate(&stop);
   std::uint64_t step = 0;
   for (auto _ : state) {
-    st.rng.offset = ++step;  // a new draw every step, as in training
-    cudaEventRecord(start);
-    if (what != phase::backward) fwd();
-    if (what != phase::forward) bwd();
-    cudaEventRecord(stop);
+    st.rng.offset = ++step;  // a new draw every step, as in training (the graph keeps its own)
+    cudaEventRecord(start, stream);
+    if (what == phase::graph) cudaGraphLaunch(graph_exec, stream);
+    if (what == phase::forward || what == phase::both) fwd();
+    if (what == phase::backward || what == phase::both) bwd();
+    cudaEventRecord(stop, stream);
     cudaEventSynchronize(stop);
     float ms = 0;
     cudaEventElapsedTime(&ms, start, stop);
     state.SetIterationTime(static_cast<double>(ms) * 1e-3);
   }
+  if (graph_exec) cudaGraphExecDestroy(graph_exec);
+  cudaStreamDestroy(stream);
   if (cudaGetLastError() != cudaSuccess) state.SkipWithError("CUDA error");
   const double floor_bytes = 3.0 * static_cast<double>(rows * cols) * sizeof(T) +
                              static_cast<double>(rows * k) * (4.0 + 2.0 * sizeof(float));
@@ -167,6 +185,8 @@ const bool registered = [] {
   add<sparsemixer_midpoint, float>("midpoint/fp32/fwd+bwd", phase::both, sizes);
   add<sparsemixer_midpoint, float>("midpoint/fp32/fwd", phase::forward, sizes);
   add<sparsemixer_midpoint, float>("midpoint/fp32/bwd", phase::backward, sizes);
+  add<sparsemixer_midpoint, float>("midpoint/fp32/graph", phase::graph, sizes);
+  add<switch_router, float>("switch/fp32/graph", phase::graph, sizes);
   add<switch_router, __nv_bfloat16>("switch/bf16/fwd+bwd", phase::both, sizes);
   add<sparsemixer_midpoint, __nv_bfloat16>("midpoint/bf16/fwd+bwd", phase::both, sizes);
   add<sparsemixer_heun3, float>("heun3_top2/fp32/fwd+bwd", phase::both, sizes_top2);

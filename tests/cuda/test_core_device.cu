@@ -44,7 +44,8 @@ __global__ void forward_kernel(const float* logits, index_t T, index_t E, int k,
   const device_row row{logits + t * E, E};
   device_slots slots{experts + t * k, coins + t * k, gates + t * k};
   const token_params<float> p{k, true, 0.1f, false};
-  token_forward<Est, float>(serial_lanes{}, row, slots, p, rng, t);
+  float weights[16];  // E ≤ 16 here
+  token_forward<Est, float>(serial_lanes{}, row, slots, weights, p, rng, t);
 }
 
 #define CUDA_OK(x) REQUIRE((x) == cudaSuccess)

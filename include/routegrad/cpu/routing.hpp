@@ -158,7 +158,7 @@ status run_forward(const routing_options& opt, host_view<TL, 2> logits,
   std::vector<std::int64_t> block_bad(static_cast<std::size_t>(blocks));
   const token_params<M> params = detail::params_of<M>(opt);
 
-  detail::for_each_block<M>(rows, exec, 2 * n, [&](index_t t0, index_t t1, index_t b, M* scratch) {
+  detail::for_each_block<M>(rows, exec, 3 * n, [&](index_t t0, index_t t1, index_t b, M* scratch) {
     std::int64_t bad = 0;
     double lse2 = 0.0;
     for (index_t t = t0; t < t1; ++t) {
@@ -172,7 +172,7 @@ status run_forward(const routing_options& opt, host_view<TL, 2> logits,
                                         gates.data_handle() + t * gates.stride(0),
                                         gates.stride(1)};
       const token_outcome outcome =
-          token_forward<Est, M>(serial_lanes{}, row, slots, params, state.rng, t);
+          token_forward<Est, M>(serial_lanes{}, row, slots, scratch + 2 * n, params, state.rng, t);
       if (!outcome.complete) ++bad;
       if (!outcome.routable) continue;  // left out of the counts and the loss sums
       if (want_counts)
@@ -257,7 +257,7 @@ status run_backward(const routing_options& opt, host_view<TL, 2> logits,
       {opt.load_balance_coef != 0.0 ? stats.expert_counts : nullptr,
        rows > 0 ? M(1) / (static_cast<M>(rows) * static_cast<M>(opt.k)) : M(0)}};
 
-  detail::for_each_block<M>(rows, exec, 3 * n, [&](index_t t0, index_t t1, index_t, M* scratch) {
+  detail::for_each_block<M>(rows, exec, 4 * n, [&](index_t t0, index_t t1, index_t, M* scratch) {
     M* grad = scratch + 2 * n;
     for (index_t t = t0; t < t1; ++t) {
       const staged_row<M> row = detail::stage_row<Est>(opt, state.rng, logits, t, scratch);
@@ -271,7 +271,7 @@ status run_backward(const routing_options& opt, host_view<TL, 2> logits,
           grad_gates.stride(1)};
       std::fill(grad, grad + n, M(0));
       detail::scratch_grad<M> acc{grad};
-      token_backward<Est, M>(serial_lanes{}, row, slots, acc, params, aux);
+      token_backward<Est, M>(serial_lanes{}, row, slots, acc, grad + n, params, aux);
       GL* out = grad_logits.data_handle() + t * grad_logits.stride(0);
       const index_t s = grad_logits.stride(1);
       if (mode == grad_mode::accumulate)

@@ -34,10 +34,11 @@ struct forward_args {
   unsigned long long* nonfinite;  // stats.nonfinite_rows, may be null
 };
 
-/// Shared memory per token group: the staged row, Switch's jitter, and (backward) the gradient row.
+/// Shared memory rows per token group: the staged row, Switch's jitter, the candidate weights and
+/// (backward) the gradient row.
 template <class Est, class M>
 __host__ __device__ constexpr int shared_rows(bool backward) {
-  return 1 + (Est::noisy ? 1 : 0) + (backward ? 1 : 0);
+  return 1 + (Est::noisy ? 1 : 0) + 1 + (backward ? 1 : 0);  // row, jitter, weights, gradient
 }
 
 /// This group's slice of the dynamic shared memory.
@@ -82,7 +83,7 @@ __global__ void __launch_bounds__(256) forward_kernel(const forward_args<T, G> a
         lanes.mask,
         {},
         {}};
-    const token_outcome outcome = token_forward<Est, M>(lanes, row, slots, params, a.rng, t);
+    const token_outcome outcome = token_forward<Est, M>(lanes, row, slots, values + (shared_rows<Est, M>(false) - 1) * n, params, a.rng, t);
     if (lanes.lane() == 0) {
       if (!outcome.complete && a.nonfinite) atomicAdd(a.nonfinite, 1ull);
       if (outcome.routable && a.counts)
@@ -149,7 +150,7 @@ __global__ void __launch_bounds__(256) backward_kernel(const backward_args<T, GG
     }
     if (valid_state) {
       shared_grad<M> acc{scratch};
-      token_backward<Est, M>(lanes, row, slots, acc, params, aux);
+      token_backward<Est, M>(lanes, row, slots, acc, scratch - n, params, aux);
     }
     GL* out = a.grad_logits + t * a.grad_stride0;
     for (int i = lanes.lane(); i < n; i += Width) {

@@ -62,7 +62,7 @@ bool aligned(const void* p) {
 /// that enough threads are in flight.
 inline int lanes_for(index_t rows, index_t cols) {
   int width = cols <= 8 ? 1 : (cols <= 64 ? 8 : 32);
-  while (width < 32 && rows * width < 65536) width = width == 1 ? 8 : 32;
+  while (width < 32 && width < cols && rows * width < 65536) width = width == 1 ? 8 : 32;
   return width;
 }
 
@@ -75,20 +75,23 @@ struct launch_shape {
 
 template <class Kernel>
 status shape_for(Kernel kernel, int width, std::size_t bytes_per_group, launch_shape& out) {
+  // Kernels declare at most a few KiB of static shared memory; keep the dynamic part below the
+  // default 48 KiB limit minus that, or opt in to more.
+  constexpr std::size_t default_limit = 40 * 1024, static_reserve = 8 * 1024;
   int threads = 256;
-  while (threads > 32 && static_cast<std::size_t>(threads / width) * bytes_per_group > 48 * 1024)
+  while (threads > 32 && static_cast<std::size_t>(threads / width) * bytes_per_group > default_limit)
     threads /= 2;
   const std::size_t shared = static_cast<std::size_t>(threads / width) * bytes_per_group;
-  if (shared > 48 * 1024) {
+  if (shared > default_limit) {
     int device = 0, max_shared = 0;
     ROUTEGRAD_CUDA_TRY(cudaGetDevice(&device), "cudaGetDevice");
     ROUTEGRAD_CUDA_TRY(
         cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
         "cudaDeviceGetAttribute");
-    if (shared > static_cast<std::size_t>(max_shared))
-      return {
-          status_code::not_supported,
-          "logits: E too large for the CUDA back end (a token's rows must fit in shared memory)"};
+    if (shared + static_reserve > static_cast<std::size_t>(max_shared))
+      return {status_code::not_supported,
+              "logits: E too large for the CUDA back end (a token's rows must fit in shared "
+              "memory)"};
     ROUTEGRAD_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(shared)),
                        "cudaFuncSetAttribute(shared memory)");

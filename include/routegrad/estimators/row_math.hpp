@@ -76,20 +76,33 @@ ROUTEGRAD_HD M sum_exp_clean(const Lanes& lanes, const Row& row, M m) {
   return lanes.sum(s);
 }
 
-/// Inverse-CDF draw: the first i (in index order) with include(i) whose running sum of
-/// exp(logit − m) exceeds `target` (= u · Σ, u in (0,1)). If rounding leaves the target unreached,
-/// the last included entry with positive weight is taken. Needs one uniform, not one per expert.
+/// Writes w_i = exp(logit(i) − m) for the entries with include(i), 0 for the others, into the
+/// lane-owned elements of `weights` (lane l writes i ≡ l mod L), and returns Σ w. The passes that
+/// follow (the inverse-CDF draw, the softmax Jacobian) read these instead of testing the mask and
+/// calling exp again.
 template <class M, class Lanes, class Row, class Include>
-ROUTEGRAD_HD int inverse_cdf_where(const Lanes& lanes, const Row& row, M m, M target,
-                                   Include include) {
-  const int n = row.size();
+ROUTEGRAD_HD M candidate_weights(const Lanes& lanes, const Row& row, M m, Include include,
+                                 M* weights) {
+  M s = M(0);
+  for (int i = lanes.lane(); i < row.size(); i += lanes.count()) {
+    const M w = include(i) ? math::exp(row.logit(i) - m) : M(0);
+    weights[i] = w;
+    s += w;
+  }
+  return lanes.sum(s);
+}
+
+/// Inverse-CDF draw over candidate_weights: the first i (in index order) whose running sum of
+/// weights exceeds `target` (= u · Σ w, u in (0,1)). If rounding leaves the target unreached, the
+/// last entry with positive weight is taken. Needs one uniform, not one per expert.
+template <class M, class Lanes>
+ROUTEGRAD_HD int inverse_cdf(const Lanes& lanes, const M* weights, int n, M target) {
   const int L = lanes.count();
   M carry = M(0);
   int last_positive = -1;
   for (int base = 0; base < n; base += L) {
     const int i = base + lanes.lane();
-    M p = M(0);
-    if (i < n && include(i)) p = math::exp(row.logit(i) - m);
+    const M p = i < n ? weights[i] : M(0);
     const M running = carry + lanes.inclusive_scan(p);
     const int hit = lanes.first_lane(p > M(0) && running > target);
     if (hit >= 0) return base + hit;

@@ -41,10 +41,11 @@ struct slot_view {
   M pi_chosen;  // π_{D_j}, 0 when D_j is not a candidate of slot j
 };
 
+/// For per-slot softmaxes it also refills `weights` with slot j's candidate weights.
 template <class Est, class M, class Lanes, class Row, class Slots>
 ROUTEGRAD_HD slot_view<M> recompute_slot(const Lanes& lanes, const Row& row, const Slots& slots,
                                          slot_softmax<M> shared, row_extreme<M> row_top, M two_eps,
-                                         int j) {
+                                         int j, M* weights) {
   slot_softmax<M> sm = shared;
   const int d = static_cast<int>(slots.expert(j));
   if constexpr (Est::per_slot_softmax) {
@@ -52,23 +53,24 @@ ROUTEGRAD_HD slot_view<M> recompute_slot(const Lanes& lanes, const Row& row, con
         j == 0 ? row_top : max_where<M>(lanes, row, not_taken<Slots>{slots, j});
     if (top.index < 0) return {sm, M(0)};
     const slot_candidates<Est, M, Row, Slots> candidate{row, slots, j, top.value, two_eps};
-    sm = {top.value, sum_exp_where(lanes, row, top.value, candidate)};
+    sm = {top.value, candidate_weights(lanes, row, top.value, candidate, weights)};
     if (!candidate(d)) return {sm, M(0)};
   }
   return {sm, math::exp(row.logit(d) - sm.max) / sm.norm};
 }
 
 /// Adds token t's logit gradient into `grad`. Returns false (and adds nothing) for a row the
-/// forward could not route (SPEC §7).
+/// forward could not route (SPEC §7). `weights` is E elements of scratch (lane-owned).
 template <class Est, class M, class Lanes, class Row, class Slots, class Grad, class Fraction>
 ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots& slots, Grad& grad,
-                                 const token_params<M>& p, const aux_gradient<M, Fraction>& aux) {
+                                 M* weights, const token_params<M>& p,
+                                 const aux_gradient<M, Fraction>& aux) {
   const row_summary<M> summary = summarize_row<M>(lanes, row);
   if (!summary.routable) return false;
   const M two_eps = M(2) * p.jitter_eps;
   slot_softmax<M> shared{summary.top.value, M(1)};
   if constexpr (!Est::per_slot_softmax)
-    shared.norm = sum_exp_where(lanes, row, summary.top.value, any_expert{});
+    shared.norm = candidate_weights(lanes, row, summary.top.value, any_expert{}, weights);
   using view_t = slot_view<M>;
 
   // Renormalised gates g̃_j = g_j / s: G_j = (G̃_j − Σ_l G̃_l g̃_l) / s.
@@ -77,7 +79,7 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
     M s = M(0), q = M(0);
     for (int j = 0; j < p.k; ++j) {
       const view_t v = recompute_slot<Est, M, Lanes, Row, Slots>(lanes, row, slots, shared,
-                                                                 summary.top, two_eps, j);
+                                                                 summary.top, two_eps, j, weights);
       const M g = coin_scale<typename Est::rule, M>(slots.coin(j)) * v.pi_chosen;
       s += g;
       q += static_cast<M>(slots.grad_gate(j)) * g;
@@ -93,18 +95,15 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
   const M weight = static_cast<M>(Est::weight);
   for (int j = 0; j < p.k; ++j) {
     const view_t v = recompute_slot<Est, M, Lanes, Row, Slots>(lanes, row, slots, shared,
-                                                               summary.top, two_eps, j);
+                                                               summary.top, two_eps, j, weights);
     if (!(v.pi_chosen > M(0)) || renorm_inv == M(0)) continue;
     M g = static_cast<M>(slots.grad_gate(j));
     if (p.renormalize) g = (g - renorm_shift) * renorm_inv;
     const M coef = weight * g * v.pi_chosen;
     const int d = static_cast<int>(slots.expert(j));
-    const slot_candidates<Est, M, Row, Slots> candidate{row, slots, j, v.sm.max, two_eps};
-    for (int i = lanes.lane(); i < row.size(); i += lanes.count()) {
-      M add = i == d ? coef : M(0);
-      if (candidate(i)) add -= coef * math::exp(row.logit(i) - v.sm.max) / v.sm.norm;
-      grad.add(i, add);
-    }
+    const M coef_over_norm = coef / v.sm.norm;  // J_D(i) = π_D (δ_iD − w_i / norm)
+    for (int i = lanes.lane(); i < row.size(); i += lanes.count())
+      grad.add(i, (i == d ? coef : M(0)) - coef_over_norm * weights[i]);
   }
   if constexpr (Est::noisy)
     for (int i = lanes.lane(); i < row.size(); i += lanes.count()) grad.scale(i, row.chain(i));

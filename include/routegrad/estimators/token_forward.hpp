@@ -4,6 +4,7 @@
 //   expert(j)                       the expert recorded for slot j (j below the current slot)
 //   record(j, expert, gate, coin)   store slot j's choice
 //   gate(j), set_gate(j, g)         read back / replace a gate (renormalisation)
+// `weights` is E elements of scratch (per lane, only its own elements are used).
 #pragma once
 
 #include "token_common.hpp"
@@ -20,9 +21,10 @@ struct token_outcome {
 
 /// Routes token `t`.
 template <class Est, class M, class Lanes, class Row, class Slots>
-ROUTEGRAD_HD token_outcome token_forward(const Lanes& lanes, const Row& row, Slots& slots,
+ROUTEGRAD_HD token_outcome token_forward(const Lanes& lanes, const Row& row, Slots& slots, M* weights,
                                          const token_params<M>& p, const rng_stream& rng,
                                          index_t t) {
+  static_assert(!Est::sampled || Est::per_slot_softmax, "sampling draws from per-slot weights");
   const row_summary<M> summary = summarize_row<M>(lanes, row);
   if (!summary.routable) {
     for (int j = 0; j < p.k; ++j) slots.record(j, j, M(0), 0);
@@ -46,7 +48,7 @@ ROUTEGRAD_HD token_outcome token_forward(const Lanes& lanes, const Row& row, Slo
     const slot_candidates<Est, M, Row, Slots> candidate{row, slots, j, top.value, two_eps};
     slot_softmax<M> sm = shared;
     if constexpr (Est::per_slot_softmax)
-      sm = {top.value, sum_exp_where(lanes, row, top.value, candidate)};
+      sm = {top.value, candidate_weights(lanes, row, top.value, candidate, weights)};
 
     int chosen = top.index;
     int coin = 0;
@@ -55,7 +57,7 @@ ROUTEGRAD_HD token_outcome token_forward(const Lanes& lanes, const Row& row, Slo
         const philox4x32 b = rng.block(static_cast<std::uint64_t>(t), rng_purpose::slot,
                                        static_cast<std::uint32_t>(j));
         const M target = static_cast<M>(uniform_open01(b.v[0])) * sm.norm;
-        chosen = inverse_cdf_where(lanes, row, sm.max, target, candidate);
+        chosen = inverse_cdf(lanes, weights, row.size(), target);
         if (chosen != top.index)
           coin = draw_coin<typename Est::rule>(static_cast<M>(uniform_open01(b.v[1])));
       }
