@@ -12,6 +12,7 @@
 #include <routegrad/routegrad.hpp>
 #include <vector>
 
+#include "common/estimator_kinds.hpp"
 #include "common/estimator_reference.hpp"
 
 namespace {
@@ -45,25 +46,8 @@ struct matrix {
   }
 };
 
-template <class Est>
-ref::kind kind_of() {
-  if constexpr (std::is_same_v<Est, switch_router>)
-    return ref::kind::switch_;
-  else if constexpr (std::is_same_v<Est, topk_softmax>)
-    return ref::kind::topk_softmax;
-  else
-    return ref::kind::sparsemixer;
-}
-
-template <class Est>
-ref::rule rule_of() {
-  if constexpr (std::is_same_v<Est, sparsemixer_midpoint>)
-    return ref::midpoint_rule();
-  else if constexpr (std::is_same_v<Est, sparsemixer_heun3>)
-    return ref::heun3_rule();
-  else
-    return ref::euler_rule();
-}
+using routegrad::test::kind_of;
+using routegrad::test::rule_of;
 
 template <class T>
 double tolerance() {

@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/estimator_kinds.hpp"
 #include "common/estimator_reference.hpp"
 
 namespace routegrad::test::gpu {
@@ -79,24 +80,8 @@ double tolerance() {
     return 1.6e-2;  // bf16: 8 bits of mantissa
 }
 
-template <class Est>
-ref::kind kind_of() {
-  if constexpr (std::is_same_v<Est, switch_router>)
-    return ref::kind::switch_;
-  else if constexpr (std::is_same_v<Est, topk_softmax>)
-    return ref::kind::topk_softmax;
-  else
-    return ref::kind::sparsemixer;
-}
-template <class Est>
-ref::rule rule_of() {
-  if constexpr (std::is_same_v<Est, sparsemixer_midpoint>)
-    return ref::midpoint_rule();
-  else if constexpr (std::is_same_v<Est, sparsemixer_heun3>)
-    return ref::heun3_rule();
-  else
-    return ref::euler_rule();
-}
+using routegrad::test::kind_of;
+using routegrad::test::rule_of;
 
 struct case_spec {
   index_t rows;

@@ -83,7 +83,8 @@ __global__ void __launch_bounds__(256) forward_kernel(const forward_args<T, G> a
         lanes.mask,
         {},
         {}};
-    const token_outcome outcome = token_forward<Est, M>(lanes, row, slots, values + (shared_rows<Est, M>(false) - 1) * n, params, a.rng, t);
+    const token_outcome outcome = token_forward<Est, M>(
+        lanes, row, slots, values + (shared_rows<Est, M>(false) - 1) * n, params, a.rng, t);
     if (lanes.lane() == 0) {
       if (!outcome.complete && a.nonfinite) atomicAdd(a.nonfinite, 1ull);
       if (outcome.routable && a.counts)

@@ -58,6 +58,26 @@ bool aligned(const void* p) {
   return reinterpret_cast<std::uintptr_t>(p) % alignof(T) == 0;
 }
 
+/// Alignment and memory space of the logits, the state and the counts (forward and backward).
+template <class TL>
+status check_logits_and_state(const device_view<TL, 2>& logits,
+                              const routing_state<memory_space::device>& state,
+                              const std::int64_t* counts) {
+  if (!aligned<std::remove_const_t<TL>>(logits.data_handle()))
+    return {status_code::misaligned, "logits: misaligned"};
+  if (!aligned<std::int32_t>(state.experts.data_handle()))
+    return {status_code::misaligned, "state.experts: misaligned"};
+  if (!aligned<std::int64_t>(counts))
+    return {status_code::misaligned, "stats.expert_counts: misaligned"};
+  ROUTEGRAD_RETURN_IF_ERROR(
+      check_device_pointer(logits.data_handle(), "logits: not device memory"));
+  ROUTEGRAD_RETURN_IF_ERROR(
+      check_device_pointer(state.experts.data_handle(), "state.experts: not device memory"));
+  ROUTEGRAD_RETURN_IF_ERROR(
+      check_device_pointer(state.coins.data_handle(), "state.coins: not device memory"));
+  return check_device_pointer(counts, "stats.expert_counts: not device memory");
+}
+
 /// Lanes per token (1, 8 or 32): about four elements per lane, widened for small batches so
 /// that enough threads are in flight.
 inline int lanes_for(index_t rows, index_t cols) {
@@ -79,7 +99,8 @@ status shape_for(Kernel kernel, int width, std::size_t bytes_per_group, launch_s
   // default 48 KiB limit minus that, or opt in to more.
   constexpr std::size_t default_limit = 40 * 1024, static_reserve = 8 * 1024;
   int threads = 256;
-  while (threads > 32 && static_cast<std::size_t>(threads / width) * bytes_per_group > default_limit)
+  while (threads > 32 &&
+         static_cast<std::size_t>(threads / width) * bytes_per_group > default_limit)
     threads /= 2;
   const std::size_t shared = static_cast<std::size_t>(threads / width) * bytes_per_group;
   if (shared > default_limit) {
@@ -133,24 +154,11 @@ status run_forward(const routing_options& opt, device_view<TL, 2> logits,
   ROUTEGRAD_RETURN_IF_ERROR(validation::check_forward<Est>(opt, logits, state, gates));
   using T = std::remove_const_t<TL>;
   const index_t rows = logits.extent(0), cols = logits.extent(1);
-  if (!detail::aligned<T>(logits.data_handle()))
-    return {status_code::misaligned, "logits: misaligned"};
+  ROUTEGRAD_RETURN_IF_ERROR(detail::check_logits_and_state(logits, state, stats.expert_counts));
   if (!detail::aligned<G>(gates.data_handle()))
     return {status_code::misaligned, "gates: misaligned"};
-  if (!detail::aligned<std::int32_t>(state.experts.data_handle()))
-    return {status_code::misaligned, "state.experts: misaligned"};
-  if (!detail::aligned<std::int64_t>(stats.expert_counts))
-    return {status_code::misaligned, "stats.expert_counts: misaligned"};
-  ROUTEGRAD_RETURN_IF_ERROR(
-      detail::check_device_pointer(logits.data_handle(), "logits: not device memory"));
-  ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(state.experts.data_handle(),
-                                                         "state.experts: not device memory"));
-  ROUTEGRAD_RETURN_IF_ERROR(
-      detail::check_device_pointer(state.coins.data_handle(), "state.coins: not device memory"));
   ROUTEGRAD_RETURN_IF_ERROR(
       detail::check_device_pointer(gates.data_handle(), "gates: not device memory"));
-  ROUTEGRAD_RETURN_IF_ERROR(
-      detail::check_device_pointer(stats.expert_counts, "stats.expert_counts: not device memory"));
   ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(
       stats.load_balance_loss, "stats.load_balance_loss: not device memory"));
   ROUTEGRAD_RETURN_IF_ERROR(
@@ -270,29 +278,16 @@ status run_backward(const routing_options& opt, device_view<TL, 2> logits,
   using T = std::remove_const_t<TL>;
   using M = math_t<T>;
   const index_t rows = logits.extent(0), cols = logits.extent(1);
-  if (!detail::aligned<T>(logits.data_handle()))
-    return {status_code::misaligned, "logits: misaligned"};
+  ROUTEGRAD_RETURN_IF_ERROR(detail::check_logits_and_state(
+      logits, state, opt.load_balance_coef != 0.0 ? stats.expert_counts : nullptr));
   if (!detail::aligned<std::remove_const_t<GG>>(grad_gates.data_handle()))
     return {status_code::misaligned, "grad_gates: misaligned"};
   if (!detail::aligned<GL>(grad_logits.data_handle()))
     return {status_code::misaligned, "grad_logits: misaligned"};
-  if (!detail::aligned<std::int32_t>(state.experts.data_handle()))
-    return {status_code::misaligned, "state.experts: misaligned"};
-  if (!detail::aligned<std::int64_t>(stats.expert_counts))
-    return {status_code::misaligned, "stats.expert_counts: misaligned"};
-  ROUTEGRAD_RETURN_IF_ERROR(
-      detail::check_device_pointer(logits.data_handle(), "logits: not device memory"));
-  ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(state.experts.data_handle(),
-                                                         "state.experts: not device memory"));
-  ROUTEGRAD_RETURN_IF_ERROR(
-      detail::check_device_pointer(state.coins.data_handle(), "state.coins: not device memory"));
   ROUTEGRAD_RETURN_IF_ERROR(
       detail::check_device_pointer(grad_gates.data_handle(), "grad_gates: not device memory"));
   ROUTEGRAD_RETURN_IF_ERROR(
       detail::check_device_pointer(grad_logits.data_handle(), "grad_logits: not device memory"));
-  if (opt.load_balance_coef != 0.0)
-    ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(
-        stats.expert_counts, "stats.expert_counts: not device memory"));
   if (rows == 0) return status::ok();
 
   // Shared memory per token group: the staged row (+ jitter) and the gradient row.

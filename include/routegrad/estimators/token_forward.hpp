@@ -21,9 +21,9 @@ struct token_outcome {
 
 /// Routes token `t`.
 template <class Est, class M, class Lanes, class Row, class Slots>
-ROUTEGRAD_HD token_outcome token_forward(const Lanes& lanes, const Row& row, Slots& slots, M* weights,
-                                         const token_params<M>& p, const rng_stream& rng,
-                                         index_t t) {
+ROUTEGRAD_HD token_outcome token_forward(const Lanes& lanes, const Row& row, Slots& slots,
+                                         M* weights, const token_params<M>& p,
+                                         const rng_stream& rng, index_t t) {
   static_assert(!Est::sampled || Est::per_slot_softmax, "sampling draws from per-slot weights");
   const row_summary<M> summary = summarize_row<M>(lanes, row);
   if (!summary.routable) {
