@@ -46,6 +46,21 @@ ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE double log(double x) {
 #endif
 }
 
+ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE float erf(float x) {
+#if ROUTEGRAD_DEVICE_PASS
+  return ::erff(x);
+#else
+  return std::erf(x);
+#endif
+}
+ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE double erf(double x) {
+#if ROUTEGRAD_DEVICE_PASS
+  return ::erf(x);
+#else
+  return std::erf(x);
+#endif
+}
+
 template <class M>
 ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE M abs(M x) {
   return x < M(0) ? -x : x;
