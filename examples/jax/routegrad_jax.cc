@@ -8,8 +8,8 @@
 // recompiling; the seed, estimator, k (the gates' shape) and ε are compile-time attributes.
 #include <cstdint>
 
-#include <routegrad/routegrad.hpp>
 #include <xla/ffi/api/ffi.h>
+#include <routegrad/routegrad.hpp>
 
 namespace ffi = xla::ffi;
 
@@ -28,12 +28,18 @@ using U8Result = ffi::ResultBuffer<ffi::U8, 2>;
 template <class F>
 ffi::Error with_estimator(std::int64_t code, F&& f) {
   switch (code) {
-    case 0: return f(routegrad::switch_router{});
-    case 1: return f(routegrad::topk_softmax{});
-    case 2: return f(routegrad::sparsemixer_euler{});
-    case 3: return f(routegrad::sparsemixer_midpoint{});
-    case 4: return f(routegrad::sparsemixer_heun3{});
-    default: return ffi::Error::InvalidArgument("routegrad: estimator: unknown code");
+    case 0:
+      return f(routegrad::switch_router{});
+    case 1:
+      return f(routegrad::topk_softmax{});
+    case 2:
+      return f(routegrad::sparsemixer_euler{});
+    case 3:
+      return f(routegrad::sparsemixer_midpoint{});
+    case 4:
+      return f(routegrad::sparsemixer_heun3{});
+    default:
+      return ffi::Error::InvalidArgument("routegrad: estimator: unknown code");
   }
 }
 
@@ -62,10 +68,9 @@ routegrad::rng_stream rng(std::int64_t seed, const Offset& offset) {
   return {static_cast<std::uint64_t>(seed), w[0] | (static_cast<std::uint64_t>(w[1]) << 32), 0};
 }
 
-ffi::Error forward(F32Matrix logits, Offset offset,
-                   F32Result gates, S32Result experts,
-                   U8Result coins, std::int64_t estimator, std::int64_t seed,
-                   float jitter_eps, bool train) {
+ffi::Error forward(F32Matrix logits, Offset offset, F32Result gates, S32Result experts,
+                   U8Result coins, std::int64_t estimator, std::int64_t seed, float jitter_eps,
+                   bool train) {
   if (offset.element_count() != 2)
     return ffi::Error::InvalidArgument("routegrad: offset: must be uint32[2] (low, high)");
   const auto opt = options(gates->dimensions()[1], jitter_eps, train);
@@ -78,10 +83,9 @@ ffi::Error forward(F32Matrix logits, Offset offset,
   });
 }
 
-ffi::Error backward(F32Matrix logits, S32Matrix experts,
-                    U8Matrix coins, F32Matrix grad_gates,
-                    Offset offset, F32Result grad_logits,
-                    std::int64_t estimator, std::int64_t seed, float jitter_eps, bool train) {
+ffi::Error backward(F32Matrix logits, S32Matrix experts, U8Matrix coins, F32Matrix grad_gates,
+                    Offset offset, F32Result grad_logits, std::int64_t estimator, std::int64_t seed,
+                    float jitter_eps, bool train) {
   if (offset.element_count() != 2)
     return ffi::Error::InvalidArgument("routegrad: offset: must be uint32[2] (low, high)");
   const auto opt = options(experts.dimensions()[1], jitter_eps, train);
@@ -100,7 +104,7 @@ ffi::Error backward(F32Matrix logits, S32Matrix experts,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RoutegradForward, forward,
                               ffi::Ffi::Bind()
                                   .Arg<F32Matrix>()  // logits [T, E]
-                                  .Arg<Offset>()  // offset (low, high)
+                                  .Arg<Offset>()     // offset (low, high)
                                   .Ret<F32Matrix>()  // gates [T, k]
                                   .Ret<S32Matrix>()  // experts [T, k]
                                   .Ret<U8Matrix>()   // coins [T, k]
@@ -115,7 +119,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RoutegradBackward, backward,
                                   .Arg<S32Matrix>()  // experts [T, k]
                                   .Arg<U8Matrix>()   // coins [T, k]
                                   .Arg<F32Matrix>()  // grad_gates [T, k]
-                                  .Arg<Offset>()  // offset (low, high)
+                                  .Arg<Offset>()     // offset (low, high)
                                   .Ret<F32Matrix>()  // grad_logits [T, E]
                                   .Attr<std::int64_t>("estimator")
                                   .Attr<std::int64_t>("seed")
