@@ -73,7 +73,7 @@ def main(src, dst):
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Exact bias and error of routing-gradient estimators vs grad F (enumeration)")
     fig.tight_layout()
-    fig.savefig(dst, dpi=110)
+    fig.savefig(dst, dpi=90)
 
 
 if __name__ == "__main__":
