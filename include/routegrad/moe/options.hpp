@@ -18,6 +18,16 @@
 
 namespace routegrad {
 
+/// std::type_identity (C++20): keeps a parameter out of template argument deduction, so the
+/// layer's scalar type is deduced from the parameter set alone and views of T convert to views
+/// of const T at the call.
+template <class T>
+struct type_identity {
+  using type = T;
+};
+template <class T>
+using type_identity_t = typename type_identity<T>::type;
+
 enum class activation : std::uint8_t {
   gelu,    // x·Φ(x), the exact (erf) form, as torch.nn.GELU()
   silu,    // x·σ(x)
