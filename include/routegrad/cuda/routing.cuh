@@ -4,6 +4,7 @@
 // allocated stream-ordered with cudaMallocAsync).
 #pragma once
 
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -16,11 +17,22 @@
 
 namespace routegrad::cuda {
 
-/// How a CUDA call runs: the caller's stream and, for the loss values, scratch space.
+/// How the MoE layer runs its expert GEMMs (the routing entry points ignore it).
+enum class expert_gemm : std::uint8_t {
+  grouped,     // one cublasGemmGroupedBatchedEx per GEMM stage (one call per expert where cuBLAS
+               // has no grouped kernel for the type)
+  per_expert,  // one cublasGemmEx per expert with rows
+};
+
+/// How a CUDA call runs: the caller's stream and scratch space (routing: the loss values, see
+/// forward_workspace_bytes; MoE layer: moe_workspace_bytes), and for the MoE layer the cuBLAS
+/// handle (null: one cached per host thread and device) and the expert GEMM strategy.
 struct execution {
   cudaStream_t stream = nullptr;
-  void* workspace = nullptr;  // see forward_workspace_bytes
+  void* workspace = nullptr;
   std::size_t workspace_bytes = 0;
+  cublasHandle_t blas = nullptr;
+  expert_gemm gemm = expert_gemm::grouped;
 };
 
 using device_routing_state = routing_state<memory_space::device>;

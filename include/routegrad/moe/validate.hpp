@@ -6,9 +6,12 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <utility>
+#include <vector>
 
 #include "../core/status.hpp"
+#include "../estimators/estimators.hpp"
 #include "../routing/validate.hpp"
 #include "options.hpp"
 
@@ -158,6 +161,119 @@ status check_context(const strided_view<B, 1, S>& ctx, std::size_t needed, std::
             "context: smaller than the size query (moe_context_bytes) says"};
   if (reinterpret_cast<std::uintptr_t>(ctx.data_handle()) % alignment != 0)
     return {status_code::misaligned, "context: not aligned to 256 bytes"};
+  return status::ok();
+}
+
+/// A digest of the estimator's traits and rule, kept in a layer context so that a backward run
+/// with another estimator than the forward is refused (not a cryptographic hash). The same value
+/// as cpu::moe_detail::estimator_fingerprint.
+template <class Est>
+std::uint64_t estimator_fingerprint() {
+  using R = typename Est::rule;
+  std::uint64_t h = 0xcbf29ce484222325ULL;
+  auto mix = [&h](double v) {
+    std::uint64_t bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    h = (h ^ bits) * 0x100000001b3ULL;
+  };
+  mix(Est::sampled);
+  mix(Est::jitter_mask);
+  mix(Est::per_slot_softmax);
+  mix(Est::noisy);
+  mix(Est::weight);
+  mix(R::num_nodes);
+  for (int n = 0; n < R::num_nodes; ++n) {
+    mix(R::scale(n));
+    mix(R::probability(n));
+  }
+  return h;
+}
+
+/// [lo, hi) bytes a view can touch (empty for an empty view); strides already non-negative.
+struct byte_span {
+  std::uintptr_t lo = 0, hi = 0;
+};
+
+template <class V>
+byte_span span_of(const V& v) {
+  if (v.size() == 0 || v.data_handle() == nullptr) return {};
+  index_t last = 0;
+  for (int i = 0; i < V::rank; ++i) last += (v.extent(i) - 1) * v.stride(i);
+  const auto lo = reinterpret_cast<std::uintptr_t>(v.data_handle());
+  return {lo, lo + static_cast<std::uintptr_t>(last + 1) * sizeof(typename V::element_type)};
+}
+
+inline byte_span span_of_bytes(const void* p, std::size_t bytes) {
+  if (p == nullptr || bytes == 0) return {};
+  const auto lo = reinterpret_cast<std::uintptr_t>(p);
+  return {lo, lo + bytes};
+}
+
+inline bool overlap(byte_span a, byte_span b) {
+  return a.lo < a.hi && b.lo < b.hi && a.lo < b.hi && b.lo < a.hi;
+}
+
+inline bool overlaps_any(byte_span a, const std::vector<byte_span>& others) {
+  for (const byte_span& b : others)
+    if (overlap(a, b)) return true;
+  return false;
+}
+
+/// The spans of a parameter (or gradient) set, ω only when used.
+template <class P>
+std::vector<byte_span> spans_of_set(const moe_options& opt, const P& p) {
+  std::vector<byte_span> s{span_of(p.router_weight),
+                           span_of(p.router_bias),
+                           span_of(p.w1),
+                           span_of(p.b1),
+                           span_of(p.w2),
+                           span_of(p.b2)};
+  if (opt.use_omega) s.push_back(span_of(p.omega));
+  return s;
+}
+
+/// The forward's outputs (y, the context) may not share memory with its inputs (x, the
+/// parameters) or with each other (address ranges; any overlap is refused).
+template <class T, memory_space S>
+status check_moe_forward_overlaps(const moe_options& opt, const moe_params<T, S>& params,
+                                  const strided_view<const T, 2, S>& x,
+                                  const strided_view<T, 2, S>& y, const void* context,
+                                  std::size_t context_bytes) {
+  const byte_span ys = span_of(y), xs = span_of(x), cs = span_of_bytes(context, context_bytes);
+  const std::vector<byte_span> ps = spans_of_set(opt, params);
+  if (overlap(ys, xs)) return {status_code::invalid_argument, "y: overlaps x"};
+  if (overlaps_any(ys, ps)) return {status_code::invalid_argument, "y: overlaps a parameter"};
+  if (overlap(cs, xs) || overlap(cs, ys) || overlaps_any(cs, ps))
+    return {status_code::invalid_argument, "context: overlaps x, y or a parameter"};
+  return status::ok();
+}
+
+/// The backward's outputs (dx, the gradients) may not share memory with its inputs (x, dy, the
+/// parameters, the context) or with each other.
+template <class T, memory_space S>
+status check_moe_backward_overlaps(const moe_options& opt, const moe_params<T, S>& params,
+                                   const strided_view<const T, 2, S>& x,
+                                   const strided_view<const T, 2, S>& dy, const void* context,
+                                   std::size_t context_bytes, const moe_grads<T, S>& grads,
+                                   const strided_view<T, 2, S>& dx) {
+  std::vector<byte_span> inputs = spans_of_set(opt, params);
+  inputs.push_back(span_of(x));
+  inputs.push_back(span_of(dy));
+  inputs.push_back(span_of_bytes(context, context_bytes));
+  const std::vector<byte_span> gs = spans_of_set(opt, grads);
+  const byte_span dxs = span_of(dx);
+  if (overlaps_any(dxs, inputs))
+    return {status_code::invalid_argument,
+            "dx: overlaps an input (x, dy, a parameter or the context)"};
+  if (overlaps_any(dxs, gs)) return {status_code::invalid_argument, "dx: overlaps a gradient"};
+  for (std::size_t i = 0; i < gs.size(); ++i) {
+    if (overlaps_any(gs[i], inputs))
+      return {status_code::invalid_argument,
+              "grads: a gradient overlaps an input (x, dy, a parameter or the context)"};
+    for (std::size_t j = i + 1; j < gs.size(); ++j)
+      if (overlap(gs[i], gs[j]))
+        return {status_code::invalid_argument, "grads: two gradients overlap"};
+  }
   return status::ok();
 }
 
