@@ -14,6 +14,7 @@
 
 #include <doctest/doctest.h>
 
+#include "common/estimator_kinds.hpp"
 #include "common/moe_reference.hpp"
 #include "common/test_util.hpp"
 
@@ -249,6 +250,122 @@ inline void check_close(const std::vector<double>& got, const std::vector<double
       return;
     }
   }
+}
+
+/// What check_against_reference saw.
+struct reference_summary {
+  std::int64_t kept = 0;       // pairs the layer computed
+  int sampled_off_argmax = 0;  // slots whose choice is not the slot's argmax
+};
+
+/// After c.forward<Est>() and c.backward<Est>() (overwrite), on a problem whose logits are all
+/// finite: checks the layer against the double reference for the choices and coins it saved
+/// (any routing mode):
+///  - z = x Wrᵀ + br; the gates of those choices (estimator_reference.hpp);
+///  - the capacity admission ((slot, token) order), the statistics and the loss values;
+///  - y; the router gradient = the estimator's rule on the reference's gate gradients (0 for
+///    dropped pairs) + the α/β terms; every other gradient and dx.
+template <class Est>
+reference_summary check_against_reference(const moe_case<double>& c) {
+  const moe_options& opt = c.opt;
+  const int T = static_cast<int>(c.T_), E = opt.experts, k = opt.routing.k;
+  reference_summary out;
+  const cpu::moe_saved_state<double> s = c.saved<Est>();
+  const moe_ref::layer L = c.ref_layer();
+  const moe_ref::vec X = c.x.values(), DY = c.dy.values();
+
+  // Logits: the layer's z against x Wrᵀ + br; the reference then works on the layer's z, so that
+  // it sees the same choices.
+  const moe_ref::vec z_ref = moe_ref::logits(L, X, T);
+  moe_ref::vec z(static_cast<std::size_t>(T * E));
+  for (int t = 0; t < T; ++t)
+    for (int e = 0; e < E; ++e) z[moe_ref::at(t, E, e)] = s.logits(t, e);
+  check_close(z, z_ref, 1e-12, 1e-12, "logits");
+
+  // Gates of the given choices and coins; the capacity admission; the pairs.
+  std::vector<ref::token_args> args(static_cast<std::size_t>(T));
+  std::vector<int> chosen;
+  std::vector<moe_ref::pair> pairs(static_cast<std::size_t>(T * k));
+  for (int t = 0; t < T; ++t) {
+    ref::token_args& a = args[static_cast<std::size_t>(t)];
+    a.estimator = kind_of<Est>();
+    a.r = rule_of<Est>();
+    a.k = k;
+    a.eps = opt.routing.jitter_eps;
+    a.renormalize = opt.routing.renormalize;
+    a.z.assign(z.begin() + t * E, z.begin() + (t + 1) * E);
+    if constexpr (Est::noisy)
+      if (opt.routing.mode == routing_mode::train)
+        for (int e = 0; e < E; ++e) a.noise.push_back(switch_noise<double>(s.rng, t, e, a.eps));
+    for (int j = 0; j < k; ++j) {
+      const int d = s.experts(t, j), coin = s.coins(t, j);
+      REQUIRE(d >= 0);
+      REQUIRE(d < E);
+      a.chosen.push_back(d);
+      a.scales.push_back(coin == 0 ? 1.0 : Est::rule::scale(coin - 1));
+      chosen.push_back(d);
+    }
+    const ref::token_forward fw = ref::forward(a);
+    for (int j = 0; j < k; ++j) {
+      const std::size_t sj = static_cast<std::size_t>(j);
+      CHECK(s.gates(t, j) == doctest::Approx(fw.gates[sj]).epsilon(1e-12));
+      pairs[moe_ref::at(t, k, j)] = {a.chosen[sj], fw.gates[sj], false};
+      if (a.chosen[sj] != fw.slots[sj].argmax) ++out.sampled_off_argmax;
+    }
+  }
+  const std::vector<bool> kept = moe_ref::admit(chosen, std::vector<bool>(chosen.size(), true), T,
+                                                k, E, static_cast<long>(expert_capacity(opt, T)));
+  for (int t = 0; t < T; ++t)
+    for (int j = 0; j < k; ++j) {
+      const std::size_t p = moe_ref::at(t, k, j);
+      pairs[p].kept = kept[p];
+      CHECK((s.rows(t, j) >= 0) == kept[p]);
+      out.kept += kept[p];
+    }
+
+  // Statistics.
+  for (int e = 0; e < E; ++e) {
+    std::int64_t routed = 0, kept_e = 0;
+    for (std::size_t p = 0; p < chosen.size(); ++p)
+      if (chosen[p] == e) {
+        ++routed;
+        kept_e += kept[p];
+      }
+    CHECK(c.counts[static_cast<std::size_t>(e)] == routed);
+    CHECK(c.kept[static_cast<std::size_t>(e)] == kept_e);
+  }
+  CHECK(c.dropped == T * k - out.kept);
+  CHECK(c.nonfinite == 0);
+
+  // Output.
+  check_close(c.y.values(), moe_ref::forward(L, X, T, k, pairs), 1e-11, 1e-12, "y");
+
+  // The router gradient: the estimator's rule on the reference's gate gradients, plus α, β.
+  const moe_ref::vec G = moe_ref::gate_grads(L, X, DY, T, k, pairs);
+  const ref::loss_and_grad lb =
+      ref::load_balancing_loss(z, T, E, chosen, k, opt.routing.load_balance_coef);
+  const ref::loss_and_grad zl = ref::z_loss(z, T, E, opt.routing.z_loss_coef);
+  CHECK(c.lb == doctest::Approx(lb.value).epsilon(1e-12));
+  CHECK(c.zl == doctest::Approx(zl.value).epsilon(1e-12));
+  moe_ref::vec dz(static_cast<std::size_t>(T * E));
+  for (int t = 0; t < T; ++t) {
+    const ref::vec Gt(G.begin() + t * k, G.begin() + (t + 1) * k);
+    const ref::vec dzt = ref::backward(args[static_cast<std::size_t>(t)], Gt);
+    for (int e = 0; e < E; ++e) {
+      const std::size_t i = moe_ref::at(t, E, e);
+      dz[i] = dzt[static_cast<std::size_t>(e)] + lb.grad[i] + zl.grad[i];
+    }
+  }
+  const moe_ref::grads g = moe_ref::backward(L, X, DY, T, k, pairs, dz);
+  check_close(c.gWr.values(), g.Wr, 1e-10, 1e-12, "router_weight");
+  check_close(c.gbr.values(), g.br, 1e-10, 1e-12, "router_bias");
+  check_close(c.gW1.values(), g.W1, 1e-10, 1e-12, "w1");
+  check_close(c.gb1.values(), g.b1, 1e-10, 1e-12, "b1");
+  check_close(c.gW2.values(), g.W2, 1e-10, 1e-12, "w2");
+  check_close(c.gb2.values(), g.b2, 1e-10, 1e-12, "b2");
+  if (opt.use_omega) check_close(c.gom.values(), g.omega, 1e-10, 1e-12, "omega");
+  check_close(c.dx.values(), g.dx, 1e-10, 1e-12, "dx");
+  return out;
 }
 
 }  // namespace routegrad::test

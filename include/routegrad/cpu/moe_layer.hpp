@@ -43,7 +43,7 @@
 namespace routegrad::cpu {
 
 /// Rows per tile of the expert GEMMs (part of the bit-reproducibility contract).
-inline constexpr index_t moe_tile_rows = 128;
+inline constexpr index_t moe_tile_rows = 256;
 /// Alignment the context buffer must have (validation::check_context).
 inline constexpr std::size_t moe_context_alignment = 256;
 
@@ -275,18 +275,27 @@ struct layer_params {
 // Parallel loops
 // ---------------------------------------------------------------------------------------------
 
+/// Work (≈ FLOPs) below which one thread does a whole phase when the thread count is left to
+/// OpenMP (execution::num_threads = 0): small layers pay no fork/join, and never spin-wait on an
+/// oversubscribed machine. An explicit num_threads is always honoured.
+inline constexpr double moe_min_parallel_work = 4.0e6;
+
 /// Runs body(item, thread_scratch) for item in [0, count) on exec's threads (any order; every
-/// item writes its own outputs). Eigen's products inside run on the calling thread only.
+/// item writes its own outputs). `work` estimates the FLOPs of the whole phase. Eigen's products
+/// inside run on the calling thread only.
 template <class M, class Body>
-void for_each_item(index_t count, const execution& exec, Body&& body) {
+void for_each_item(index_t count, double work, const execution& exec, Body&& body) {
   if (count <= 0) return;
 #if defined(_OPENMP)
   int threads = 1;
 #if defined(ROUTEGRAD_HAS_OPENMP)
-  threads = exec.num_threads > 0 ? exec.num_threads : omp_get_max_threads();
+  if (exec.num_threads > 0)
+    threads = exec.num_threads;
+  else if (work >= moe_min_parallel_work)
+    threads = omp_get_max_threads();
   if (static_cast<index_t>(threads) > count) threads = static_cast<int>(count);
 #else
-  (void)exec;
+  (void)exec, (void)work;
 #endif
 #pragma omp parallel num_threads(threads)
   {
@@ -297,19 +306,21 @@ void for_each_item(index_t count, const execution& exec, Body&& body) {
     for (index_t i = 0; i < count; ++i) body(i, scratch);
   }
 #else
-  (void)exec;
+  (void)exec, (void)work;
   std::vector<M> scratch;
   for (index_t i = 0; i < count; ++i) body(i, scratch);
 #endif
 }
 
-/// Token tiles [t0, t1) of moe_tile_rows rows.
+/// Token tiles [t0, t1) of moe_tile_rows rows; `work_per_token` ≈ FLOPs per token.
 template <class M, class Body>
-void for_each_token_tile(index_t tokens, const execution& exec, Body&& body) {
+void for_each_token_tile(index_t tokens, double work_per_token, const execution& exec,
+                         Body&& body) {
   const index_t tiles = (tokens + moe_tile_rows - 1) / moe_tile_rows;
-  for_each_item<M>(tiles, exec, [&](index_t i, std::vector<M>& scratch) {
-    body(i * moe_tile_rows, std::min(tokens, (i + 1) * moe_tile_rows), scratch);
-  });
+  for_each_item<M>(tiles, work_per_token * static_cast<double>(tokens), exec,
+                   [&](index_t i, std::vector<M>& scratch) {
+                     body(i * moe_tile_rows, std::min(tokens, (i + 1) * moe_tile_rows), scratch);
+                   });
 }
 
 /// One tile of an expert's packed rows: rows [off_e + r0, off_e + r1).
@@ -326,6 +337,18 @@ inline std::vector<expert_tile> expert_tiles(const index_t* offsets, index_t E) 
   }
   return tiles;
 }
+
+/// Scratch that is fully written before it is read: allocated, never zero-filled.
+template <class M>
+class scratch_buffer {
+ public:
+  explicit scratch_buffer(std::size_t n) : data_(n ? new M[n] : nullptr) {}
+  M* data() { return data_.get(); }
+  const M* data() const { return data_.get(); }
+
+ private:
+  std::unique_ptr<M[]> data_;
+};
 
 template <class M>
 M* ensure(std::vector<M>& v, std::size_t n) {
@@ -479,6 +502,10 @@ status check_forward(const moe_options& opt, const host_moe_params<T>& params,
   ROUTEGRAD_RETURN_IF_ERROR(
       validation::check_batch_output(opt, y, n, "y: shape must be [T, d_model] like x",
                                      "y: null data", "y: strides overlap or are negative"));
+  if (rng.first_token > (std::uint64_t(1) << 32) ||
+      static_cast<std::uint64_t>(n) > (std::uint64_t(1) << 32) - rng.first_token)
+    return {status_code::invalid_argument,
+            "rng.first_token: first_token + T must not exceed 2^32 (Philox counter layout)"};
   const context_layout L = layout_of<T>(opt, n);
   ROUTEGRAD_RETURN_IF_ERROR(validation::check_context(context, L.total, moe_context_alignment));
   const routing_views<T, std::byte> rv =
@@ -734,17 +761,21 @@ status run_moe_forward(const moe_options& opt, const host_moe_params<T>& params,
   const context_ptrs<T, std::byte> c(base, L);
   const layer_params<T> P(opt, params);
 
+  const double fd = static_cast<double>(d), fE = static_cast<double>(E),
+               fh = static_cast<double>(h + h1), fk = static_cast<double>(k);
   // 1. Router logits z = x W_rᵀ + b_r, written into the context.
-  for_each_token_tile<M>(n, exec, [&](index_t t0, index_t t1, std::vector<M>& scratch) {
-    const index_t rows = t1 - t0;
-    M* xt = ensure(scratch, static_cast<std::size_t>(rows * d));
-    for (index_t i = 0; i < rows; ++i)
-      for (index_t col = 0; col < d; ++col) xt[i * d + col] = x(t0 + i, col);
-    auto z = mmat(c.logits + t0 * E, rows, E, E);
-    z.noalias() = cmat<M>(xt, rows, d, d) * P.router.expert(0).transpose();
-    for (index_t i = 0; i < rows; ++i)
-      for (index_t e = 0; e < E; ++e) z(i, e) += P.router_bias[static_cast<std::size_t>(e)];
-  });
+  for_each_token_tile<M>(n, 2 * fd * fE, exec,
+                         [&](index_t t0, index_t t1, std::vector<M>& scratch) {
+                           const index_t rows = t1 - t0;
+                           M* xt = ensure(scratch, static_cast<std::size_t>(rows * d));
+                           for (index_t i = 0; i < rows; ++i)
+                             for (index_t col = 0; col < d; ++col) xt[i * d + col] = x(t0 + i, col);
+                           auto z = mmat(c.logits + t0 * E, rows, E, E);
+                           z.noalias() = cmat<M>(xt, rows, d, d) * P.router.expert(0).transpose();
+                           for (index_t i = 0; i < rows; ++i)
+                             for (index_t e = 0; e < E; ++e)
+                               z(i, e) += P.router_bias[static_cast<std::size_t>(e)];
+                         });
 
   // 2. Routing (writes the state, the gates, the routed counts and the loss values).
   routing_views<T, std::byte> rv = routing_views_of<T>(base, L, opt, rng);
@@ -822,7 +853,8 @@ status run_moe_forward(const moe_options& opt, const host_moe_params<T>& params,
 
   // 4. Experts on their gathered tokens: H = X W1ᵀ + b1, A = act(H), F = A W2ᵀ + b2.
   const std::vector<expert_tile> tiles = expert_tiles(c.offsets, E);
-  for_each_item<M>(static_cast<index_t>(tiles.size()), exec,
+  for_each_item<M>(static_cast<index_t>(tiles.size()),
+                   2 * static_cast<double>(rows_total) * fd * fh, exec,
                    [&](index_t i, std::vector<M>& scratch) {
                      const expert_tile& tl = tiles[static_cast<std::size_t>(i)];
                      const index_t e = tl.expert, rows = tl.r1 - tl.r0, g0 = c.offsets[e] + tl.r0;
@@ -850,33 +882,34 @@ status run_moe_forward(const moe_options& opt, const host_moe_params<T>& params,
                    });
 
   // 5. Combine: y_t = ω ⊙ Σ_j g_tj F_tj (slot order; dense: Σ_e π_te F_te in expert order).
-  for_each_token_tile<M>(n, exec, [&](index_t t0, index_t t1, std::vector<M>& scratch) {
-    M* acc = ensure(scratch, static_cast<std::size_t>(d));
-    for (index_t t = t0; t < t1; ++t) {
-      std::fill(acc, acc + d, M(0));
-      if (dense) {
-        if (c.token_ok[t])
-          for (index_t e = 0; e < E; ++e) {
-            const M w = c.probs[t * E + e];
-            const T* f = c.out + (e * n + t) * d;
-            for (index_t col = 0; col < d; ++col) acc[col] += w * f[col];
-          }
-      } else {
-        for (index_t j = 0; j < k; ++j) {
-          const index_t r = c.row_of[t * k + j];
-          if (r < 0) continue;
-          const M g = c.gates[t * k + j];
-          const T* f = c.out + r * d;
-          for (index_t col = 0; col < d; ++col) acc[col] += g * f[col];
-        }
-      }
-      if (opt.use_omega)
-        for (index_t col = 0; col < d; ++col)
-          y(t, col) = acc[col] * P.omega[static_cast<std::size_t>(col)];
-      else
-        for (index_t col = 0; col < d; ++col) y(t, col) = acc[col];
-    }
-  });
+  for_each_token_tile<M>(n, 2 * fd * (dense ? fE : fk), exec,
+                         [&](index_t t0, index_t t1, std::vector<M>& scratch) {
+                           M* acc = ensure(scratch, static_cast<std::size_t>(d));
+                           for (index_t t = t0; t < t1; ++t) {
+                             std::fill(acc, acc + d, M(0));
+                             if (dense) {
+                               if (c.token_ok[t])
+                                 for (index_t e = 0; e < E; ++e) {
+                                   const M w = c.probs[t * E + e];
+                                   const T* f = c.out + (e * n + t) * d;
+                                   for (index_t col = 0; col < d; ++col) acc[col] += w * f[col];
+                                 }
+                             } else {
+                               for (index_t j = 0; j < k; ++j) {
+                                 const index_t r = c.row_of[t * k + j];
+                                 if (r < 0) continue;
+                                 const M g = c.gates[t * k + j];
+                                 const T* f = c.out + r * d;
+                                 for (index_t col = 0; col < d; ++col) acc[col] += g * f[col];
+                               }
+                             }
+                             if (opt.use_omega)
+                               for (index_t col = 0; col < d; ++col)
+                                 y(t, col) = acc[col] * P.omega[static_cast<std::size_t>(col)];
+                             else
+                               for (index_t col = 0; col < d; ++col) y(t, col) = acc[col];
+                           }
+                         });
 
   // 6. The header (what the backward checks) and the statistics.
   context_header hd{};
@@ -935,58 +968,62 @@ status run_moe_backward(const moe_options& opt, const host_moe_params<T>& params
   const layer_params<T> P(opt, params);
   const std::size_t nd = static_cast<std::size_t>(n * d);
 
-  // 0. Per token: x (contiguous; dense: bad rows zeroed, as the forward gathered them),
+  // 0. Per token: x (contiguous; rows the router could not route zeroed, as the forward did),
   //    u = dy ⊙ ω, the gate gradients G (sparse) or dz (dense), and dy ⊙ Σ_j g F for dω.
-  std::vector<M> X(nd), U(nd), S(opt.use_omega ? nd : 0);
+  scratch_buffer<M> X(nd), U(nd), S(opt.use_omega ? nd : 0), dz(static_cast<std::size_t>(n * E));
   std::vector<M> G(static_cast<std::size_t>(n * k), M(0));
-  std::vector<M> dz(static_cast<std::size_t>(n * E));
-  for_each_token_tile<M>(n, exec, [&](index_t t0, index_t t1, std::vector<M>&) {
-    for (index_t t = t0; t < t1; ++t) {
-      M* xr = X.data() + t * d;
-      M* u = U.data() + t * d;
-      const bool keep = !dense || c.token_ok[t];
-      for (index_t col = 0; col < d; ++col) {
-        xr[col] = keep ? static_cast<M>(x(t, col)) : M(0);
-        u[col] = opt.use_omega ? dy(t, col) * P.omega[static_cast<std::size_t>(col)] : dy(t, col);
-      }
-      M* s = opt.use_omega ? S.data() + t * d : nullptr;
-      if (s) std::fill(s, s + d, M(0));
-      if (dense) {
-        M* dzt = dz.data() + t * E;
-        if (!c.token_ok[t]) {
-          std::fill(dzt, dzt + E, M(0));
-          continue;
-        }
-        const T* pi = c.probs + t * E;
-        M mean = M(0);
-        for (index_t e = 0; e < E; ++e) {
-          const T* f = c.out + (e * n + t) * d;
-          M g = M(0);
-          for (index_t col = 0; col < d; ++col) g += u[col] * f[col];
-          dzt[e] = g;
-          mean += pi[e] * g;
-          if (s)
-            for (index_t col = 0; col < d; ++col) s[col] += pi[e] * f[col];
-        }
-        for (index_t e = 0; e < E; ++e) dzt[e] = pi[e] * (dzt[e] - mean);
-      } else {
-        for (index_t j = 0; j < k; ++j) {
-          const index_t r = c.row_of[t * k + j];
-          if (r < 0) continue;
-          const T* f = c.out + r * d;
-          M g = M(0);
-          for (index_t col = 0; col < d; ++col) g += u[col] * f[col];
-          G[static_cast<std::size_t>(t * k + j)] = g;
-          if (s) {
-            const M gate = c.gates[t * k + j];
-            for (index_t col = 0; col < d; ++col) s[col] += gate * f[col];
+  const double fd = static_cast<double>(d), fE = static_cast<double>(E),
+               fh = static_cast<double>(h + h1), fk = static_cast<double>(k);
+  for_each_token_tile<M>(
+      n, 4 * fd * (dense ? fE : fk), exec, [&](index_t t0, index_t t1, std::vector<M>&) {
+        for (index_t t = t0; t < t1; ++t) {
+          M* xr = X.data() + t * d;
+          M* u = U.data() + t * d;
+          const bool keep =
+              c.token_ok[t] != 0;  // unroutable rows: dz_t = 0, and 0·NaN must not leak
+          for (index_t col = 0; col < d; ++col) {
+            xr[col] = keep ? static_cast<M>(x(t, col)) : M(0);
+            u[col] =
+                opt.use_omega ? dy(t, col) * P.omega[static_cast<std::size_t>(col)] : dy(t, col);
           }
+          M* s = opt.use_omega ? S.data() + t * d : nullptr;
+          if (s) std::fill(s, s + d, M(0));
+          if (dense) {
+            M* dzt = dz.data() + t * E;
+            if (!c.token_ok[t]) {
+              std::fill(dzt, dzt + E, M(0));
+              continue;
+            }
+            const T* pi = c.probs + t * E;
+            M mean = M(0);
+            for (index_t e = 0; e < E; ++e) {
+              const T* f = c.out + (e * n + t) * d;
+              M g = M(0);
+              for (index_t col = 0; col < d; ++col) g += u[col] * f[col];
+              dzt[e] = g;
+              mean += pi[e] * g;
+              if (s)
+                for (index_t col = 0; col < d; ++col) s[col] += pi[e] * f[col];
+            }
+            for (index_t e = 0; e < E; ++e) dzt[e] = pi[e] * (dzt[e] - mean);
+          } else {
+            for (index_t j = 0; j < k; ++j) {
+              const index_t r = c.row_of[t * k + j];
+              if (r < 0) continue;
+              const T* f = c.out + r * d;
+              M g = M(0);
+              for (index_t col = 0; col < d; ++col) g += u[col] * f[col];
+              G[static_cast<std::size_t>(t * k + j)] = g;
+              if (s) {
+                const M gate = c.gates[t * k + j];
+                for (index_t col = 0; col < d; ++col) s[col] += gate * f[col];
+              }
+            }
+          }
+          if (s)
+            for (index_t col = 0; col < d; ++col) s[col] *= dy(t, col);
         }
-      }
-      if (s)
-        for (index_t col = 0; col < d; ++col) s[col] *= dy(t, col);
-    }
-  });
+      });
 
   // 1. The router's logit gradient: the estimator's rule on G plus the α/β terms (dense: the
   //    exact softmax gradient above, plus the α/β terms with zero gate gradients).
@@ -1006,11 +1043,12 @@ status run_moe_backward(const moe_options& opt, const host_moe_params<T>& params
 
   // 2. Experts, per tile of packed rows: X_e and dF = w·u gathered, dA = dF W2, dH = dA ⊙ act'(H),
   //    dX = dH W1 (kept per packed row; summed per token in slot order below).
-  std::vector<M> Xp(static_cast<std::size_t>(N * d)), dF(static_cast<std::size_t>(N * d)),
+  scratch_buffer<M> Xp(static_cast<std::size_t>(N * d)), dF(static_cast<std::size_t>(N * d)),
       dH(static_cast<std::size_t>(N * h1)), dXp(static_cast<std::size_t>(N * d));
   const std::vector<expert_tile> tiles = expert_tiles(c.offsets, E);
   for_each_item<M>(
-      static_cast<index_t>(tiles.size()), exec, [&](index_t i, std::vector<M>& scratch) {
+      static_cast<index_t>(tiles.size()), 4 * static_cast<double>(N) * fd * fh, exec,
+      [&](index_t i, std::vector<M>& scratch) {
         const expert_tile& tl = tiles[static_cast<std::size_t>(i)];
         const index_t e = tl.expert, rows = tl.r1 - tl.r0, g0 = c.offsets[e] + tl.r0;
         for (index_t r = 0; r < rows; ++r) {
@@ -1043,7 +1081,8 @@ status run_moe_backward(const moe_options& opt, const host_moe_params<T>& params
                 router_blocks = (d + blk - 1) / blk, dx_tiles = (n + blk - 1) / blk;
   const index_t n_w1 = E * w1_blocks, n_w2 = E * w2_blocks;
   const index_t items = n_w1 + n_w2 + router_blocks + dx_tiles + 2;
-  for_each_item<M>(items, exec, [&](index_t item, std::vector<M>& scratch) {
+  const double work = 2 * static_cast<double>(N) * fd * fh + 4 * static_cast<double>(n) * fd * fE;
+  for_each_item<M>(items, work, exec, [&](index_t item, std::vector<M>& scratch) {
     if (item < n_w1) {  // dW1_e[i0:i1, :] = dH_e[:, i0:i1]ᵀ X_e, db1_e[i0:i1] = Σ_r dH_e[r, i0:i1]
       const index_t e = item / w1_blocks, i0 = (item % w1_blocks) * blk,
                     rb = std::min(h1, i0 + blk) - i0;
@@ -1133,7 +1172,7 @@ status run_moe_backward(const moe_options& opt, const host_moe_params<T>& params
       M* out = ensure(scratch, static_cast<std::size_t>(E));
       std::fill(out, out + E, M(0));
       for (index_t t = 0; t < n; ++t)
-        for (index_t e = 0; e < E; ++e) out[e] += dz[static_cast<std::size_t>(t * E + e)];
+        for (index_t e = 0; e < E; ++e) out[e] += dz.data()[t * E + e];
       const auto& gb = grads.router_bias;
       store(gb.data_handle(), index_t(0), gb.stride(0), out, 1, E, E, mode);
       return;
@@ -1142,7 +1181,7 @@ status run_moe_backward(const moe_options& opt, const host_moe_params<T>& params
       M* out = ensure(scratch, static_cast<std::size_t>(d));
       std::fill(out, out + d, M(0));
       for (index_t t = 0; t < n; ++t)
-        for (index_t col = 0; col < d; ++col) out[col] += S[static_cast<std::size_t>(t * d + col)];
+        for (index_t col = 0; col < d; ++col) out[col] += S.data()[t * d + col];
       const auto& go = grads.omega;
       store(go.data_handle(), index_t(0), go.stride(0), out, 1, d, d, mode);
     }
