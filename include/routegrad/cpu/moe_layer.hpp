@@ -54,7 +54,7 @@ inline constexpr std::uint64_t context_magic = 0x31584354454f4d52ULL;  // "RMOEC
 /// What the forward was run with; the backward refuses a context that disagrees.
 struct context_header {
   std::uint64_t magic;
-  std::uint64_t estimator;  // estimator_fingerprint<Est>()
+  std::uint64_t estimator;  // validation::estimator_fingerprint<Est>()
   std::uint32_t scalar_bytes;
   std::uint32_t k;
   index_t tokens, d_model, d_hidden, experts;
@@ -66,30 +66,6 @@ struct context_header {
   index_t rows;  // packed rows the forward computed
   rng_stream rng;
 };
-
-/// A digest of the estimator's traits and rule (not a cryptographic hash: it catches a backward
-/// called with another estimator than the forward).
-template <class Est>
-std::uint64_t estimator_fingerprint() {
-  using R = typename Est::rule;
-  std::uint64_t h = 0xcbf29ce484222325ULL;
-  auto mix = [&h](double v) {
-    std::uint64_t bits;
-    std::memcpy(&bits, &v, sizeof bits);
-    h = (h ^ bits) * 0x100000001b3ULL;
-  };
-  mix(Est::sampled);
-  mix(Est::jitter_mask);
-  mix(Est::per_slot_softmax);
-  mix(Est::noisy);
-  mix(Est::weight);
-  mix(R::num_nodes);
-  for (int n = 0; n < R::num_nodes; ++n) {
-    mix(R::scale(n));
-    mix(R::probability(n));
-  }
-  return h;
-}
 
 /// Byte offsets of the context's sections (each 64-byte aligned) for one (options, T, scalar).
 struct context_layout {
@@ -412,49 +388,6 @@ void activation_backward_rows(activation act, const M* H, const M* dA, M* dH, in
 // Validation
 // ---------------------------------------------------------------------------------------------
 
-/// [lo, hi) bytes a view can touch (empty for an empty view). Strides are already non-negative.
-struct byte_span {
-  std::uintptr_t lo = 0, hi = 0;
-};
-
-template <class V>
-byte_span span_of(const V& v) {
-  if (v.size() == 0 || v.data_handle() == nullptr) return {};
-  index_t last = 0;
-  for (int i = 0; i < V::rank; ++i) last += (v.extent(i) - 1) * v.stride(i);
-  const auto lo = reinterpret_cast<std::uintptr_t>(v.data_handle());
-  return {lo, lo + static_cast<std::uintptr_t>(last + 1) * sizeof(typename V::element_type)};
-}
-
-inline byte_span span_of_bytes(const void* p, std::size_t bytes) {
-  if (p == nullptr || bytes == 0) return {};
-  const auto lo = reinterpret_cast<std::uintptr_t>(p);
-  return {lo, lo + bytes};
-}
-
-inline bool overlap(byte_span a, byte_span b) {
-  return a.lo < a.hi && b.lo < b.hi && a.lo < b.hi && b.lo < a.hi;
-}
-
-/// The spans of a parameter (or gradient) set, ω only when used.
-template <class P>
-std::vector<byte_span> spans_of_set(const moe_options& opt, const P& p) {
-  std::vector<byte_span> s{span_of(p.router_weight),
-                           span_of(p.router_bias),
-                           span_of(p.w1),
-                           span_of(p.b1),
-                           span_of(p.w2),
-                           span_of(p.b2)};
-  if (opt.use_omega) s.push_back(span_of(p.omega));
-  return s;
-}
-
-inline bool overlaps_any(byte_span a, const std::vector<byte_span>& others) {
-  for (const byte_span& b : others)
-    if (overlap(a, b)) return true;
-  return false;
-}
-
 /// The routing views the layer keeps in its context (empty views when T = 0).
 template <class T, class B>
 struct routing_views {
@@ -512,14 +445,8 @@ status check_forward(const moe_options& opt, const host_moe_params<T>& params,
       routing_views_of<T>(L.total ? context.data_handle() : nullptr, L, opt, rng);
   ROUTEGRAD_RETURN_IF_ERROR(validation::check_options_and_logits(opt.routing, rv.logits, rng));
   // Outputs may not share memory with inputs (address ranges; any overlap is refused).
-  const byte_span ys = span_of(y), xs = span_of(x),
-                  cs = span_of_bytes(L.total ? context.data_handle() : nullptr, L.total);
-  const std::vector<byte_span> ps = spans_of_set(opt, params);
-  if (overlap(ys, xs)) return {status_code::invalid_argument, "y: overlaps x"};
-  if (overlaps_any(ys, ps)) return {status_code::invalid_argument, "y: overlaps a parameter"};
-  if (overlap(cs, xs) || overlap(cs, ys) || overlaps_any(cs, ps))
-    return {status_code::invalid_argument, "context: overlaps x, y or a parameter"};
-  return status::ok();
+  return validation::check_moe_forward_overlaps(opt, params, x, y,
+                                                L.total ? context.data_handle() : nullptr, L.total);
 }
 
 /// The context a backward receives: size, alignment, header and the dispatch's indices.
@@ -543,7 +470,7 @@ status check_context_contents(const moe_options& opt, const context_layout& L,
   if (!same)
     return {status_code::invalid_argument,
             "context: not written by moe_forward with these options, this T and this scalar type"};
-  if (hd.estimator != estimator_fingerprint<Est>())
+  if (hd.estimator != validation::estimator_fingerprint<Est>())
     return {status_code::invalid_argument, "context: written by a forward of another estimator"};
   const context_ptrs<T, const std::byte> c(base, L);
   const index_t n = L.tokens, E = opt.experts, k = opt.routing.k;
@@ -584,25 +511,8 @@ status check_backward(const moe_options& opt, const host_moe_params<T>& params,
   const context_layout L = layout_of<T>(opt, n);
   ROUTEGRAD_RETURN_IF_ERROR((check_context_contents<Est, T>(opt, L, context)));
   // Outputs may not share memory with inputs or with each other (address ranges).
-  std::vector<byte_span> inputs = spans_of_set(opt, params);
-  inputs.push_back(span_of(x));
-  inputs.push_back(span_of(dy));
-  inputs.push_back(span_of_bytes(L.total ? context.data_handle() : nullptr, L.total));
-  const std::vector<byte_span> gs = spans_of_set(opt, grads);
-  const byte_span dxs = span_of(dx);
-  if (overlaps_any(dxs, inputs))
-    return {status_code::invalid_argument,
-            "dx: overlaps an input (x, dy, a parameter or the context)"};
-  if (overlaps_any(dxs, gs)) return {status_code::invalid_argument, "dx: overlaps a gradient"};
-  for (std::size_t i = 0; i < gs.size(); ++i) {
-    if (overlaps_any(gs[i], inputs))
-      return {status_code::invalid_argument,
-              "grads: a gradient overlaps an input (x, dy, a parameter or the context)"};
-    for (std::size_t j = i + 1; j < gs.size(); ++j)
-      if (overlap(gs[i], gs[j]))
-        return {status_code::invalid_argument, "grads: two gradients overlap"};
-  }
-  return status::ok();
+  return validation::check_moe_backward_overlaps(
+      opt, params, x, dy, L.total ? context.data_handle() : nullptr, L.total, grads, dx);
 }
 
 /// Writes zeros (overwrite) into every parameter gradient; nothing for accumulate.
@@ -914,7 +824,7 @@ status run_moe_forward(const moe_options& opt, const host_moe_params<T>& params,
   // 6. The header (what the backward checks) and the statistics.
   context_header hd{};
   hd.magic = context_magic;
-  hd.estimator = estimator_fingerprint<Est>();
+  hd.estimator = validation::estimator_fingerprint<Est>();
   hd.scalar_bytes = sizeof(T);
   hd.k = static_cast<std::uint32_t>(k);
   hd.tokens = n;

@@ -165,8 +165,8 @@ status check_context(const strided_view<B, 1, S>& ctx, std::size_t needed, std::
 }
 
 /// A digest of the estimator's traits and rule, kept in a layer context so that a backward run
-/// with another estimator than the forward is refused (not a cryptographic hash). The same value
-/// as cpu::moe_detail::estimator_fingerprint.
+/// with another estimator than the forward is refused (not a cryptographic hash). Used by the CPU
+/// and the CUDA layer.
 template <class Est>
 std::uint64_t estimator_fingerprint() {
   using R = typename Est::rule;
