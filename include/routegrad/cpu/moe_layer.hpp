@@ -107,7 +107,7 @@ context_layout layout_of(const moe_options& opt, index_t tokens) {
   L.row_of = take(dense ? 0 : n * k * sizeof(index_t));
   L.pair_of = take(dense ? 0 : rows * sizeof(index_t));
   L.token_ok = take(n);
-  L.pre = take(rows * h1 * sizeof(T));
+  L.pre = take(rows * h1 * sizeof(T));  // act'(H), or H = (a, b) for SwiGLU
   L.post = take(rows * h * sizeof(T));
   L.out = take(rows * d * sizeof(T));
   L.total = at;
@@ -347,9 +347,11 @@ void store(T* dst, index_t s_row, index_t s_col, const M* src, index_t rows, ind
   }
 }
 
-/// Activations of one tile: A[i, :] from H[i, :] (h1 = h, or 2h for SwiGLU).
+/// Activations of one tile: A[i, :] from H[i, :] (h1 = h, or 2h for SwiGLU). For GELU and SiLU
+/// H is replaced by act'(H) (all the backward needs besides A: one erf per element saved there);
+/// SwiGLU keeps H = (a, b).
 template <class M>
-void activate_rows(activation act, const M* H, M* A, index_t rows, index_t h) {
+void activate_rows(activation act, M* H, M* A, index_t rows, index_t h) {
   if (act == activation::swiglu) {
     for (index_t i = 0; i < rows; ++i) {
       const M* a = H + i * 2 * h;
@@ -357,14 +359,16 @@ void activate_rows(activation act, const M* H, M* A, index_t rows, index_t h) {
       M* o = A + i * h;
       for (index_t c = 0; c < h; ++c) o[c] = moe_math::swiglu(a[c], b[c]);
     }
-  } else if (act == activation::gelu) {
-    for (index_t i = 0; i < rows * h; ++i) A[i] = moe_math::gelu(H[i]);
   } else {
-    for (index_t i = 0; i < rows * h; ++i) A[i] = moe_math::silu(H[i]);
+    for (index_t i = 0; i < rows * h; ++i) {
+      M grad;
+      A[i] = moe_math::activate_with_grad(act, H[i], grad);
+      H[i] = grad;
+    }
   }
 }
 
-/// dH from dA and H, in place of dA's tile for GELU/SiLU (dH has h1 columns).
+/// dH from dA and what activate_rows left in H (act'(H), or (a, b) for SwiGLU).
 template <class M>
 void activation_backward_rows(activation act, const M* H, const M* dA, M* dH, index_t rows,
                               index_t h) {
@@ -377,10 +381,8 @@ void activation_backward_rows(activation act, const M* H, const M* dA, M* dH, in
       M* db = da + h;
       for (index_t c = 0; c < h; ++c) moe_math::swiglu_grad(a[c], b[c], g[c], da[c], db[c]);
     }
-  } else if (act == activation::gelu) {
-    for (index_t i = 0; i < rows * h; ++i) dH[i] = dA[i] * moe_math::gelu_grad(H[i]);
   } else {
-    for (index_t i = 0; i < rows * h; ++i) dH[i] = dA[i] * moe_math::silu_grad(H[i]);
+    for (index_t i = 0; i < rows * h; ++i) dH[i] = dA[i] * H[i];
   }
 }
 
