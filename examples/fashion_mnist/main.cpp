@@ -225,9 +225,9 @@ int main(int argc, char** argv) {
   const settings s = parse(argc, argv);
   if (s.device == "cuda") {
     std::fprintf(stderr,
-                 "fashion_mnist: --device cuda needs the CUDA MoE layer "
-                 "(include/routegrad/cuda/moe_layer.cuh), which this build does not have; the "
-                 "trainer runs on the CPU only for now\n");
+                 "fashion_mnist: --device cuda is not implemented yet: the trainer has only the "
+                 "CPU model (model.hpp, cpu_model); a CUDA model with the same interface would "
+                 "use the CUDA MoE layer (include/routegrad/cuda/moe_layer.cuh) and cuBLAS\n");
     return 2;
   }
 

@@ -122,8 +122,8 @@ struct param_layout {
 
 /// Rows of a row-major float matrix.
 using row_matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using matrix_map = Eigen::Map<row_matrix, Eigen::Aligned16>;
-using const_matrix_map = Eigen::Map<const row_matrix, Eigen::Aligned16>;
+using matrix_map = Eigen::Map<row_matrix>;
+using const_matrix_map = Eigen::Map<const row_matrix>;
 using vector_map = Eigen::Map<Eigen::RowVectorXf>;
 using const_vector_map = Eigen::Map<const Eigen::RowVectorXf>;
 

@@ -24,6 +24,7 @@ COLORS = {
     "euler": "tab:blue",
     "midpoint": "tab:orange",
     "heun3": "tab:green",
+    "dense": "tab:purple",
 }
 
 
