@@ -13,8 +13,10 @@
 // Counters: FLOP/s counts 12·N·d·h + 6·T·d·E for a layer step (PERFORMANCE.md's formula, N =
 // T·k dropless, GELU/SiLU: W1 has h rows; fwd one third of it, bwd two thirds), 12·N·d·h for
 // gemm/ffn; items/s counts tokens;
-// vs_gemm = the step's FLOP/s ÷ the FLOP/s of the gemm/ffn benchmark with the same N, d, h and
-// threads measured earlier in the same run (registered first). Wall time (UseRealTime).
+// flops = FLOPs per iteration; vs_gemm = the step's FLOP/s ÷ the FLOP/s of the gemm/ffn benchmark
+// with the same N, d, h and threads in the same run; a summary of every pair (by wall time, and
+// for one thread also by CPU time, which a shared machine disturbs less) is printed at the end.
+// Timings are wall time (UseRealTime).
 //
 // Inputs: x, dy ~ N(0, 1), W_r ~ N(0, 1/d) (logits ~ N(0, 1)), W1 ~ N(0, 1/d), W2 ~ N(0, 1/h),
 // training mode, ε = 0.1, dropless; the Philox offset rotates over 4 values across iterations.
@@ -31,6 +33,7 @@
 #include <map>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <routegrad/estimators/estimators.hpp>
@@ -105,6 +108,7 @@ void bm_gemm_ffn(benchmark::State& st, index_t N, index_t d, index_t h, int thre
   Eigen::setNbThreads(0);
   const double flops = ffn_flops(N, d, h);
   st.counters["FLOP/s"] = benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
+  st.counters["flops"] = benchmark::Counter(flops);
   st.SetItemsProcessed(st.iterations() * N);
 }
 
@@ -227,6 +231,7 @@ void bm_layer(benchmark::State& st, op o, index_t T, index_t d, index_t h, int E
                                    : o == op::bwd ? 2
                                                   : 3);
   st.counters["FLOP/s"] = benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
+  st.counters["flops"] = benchmark::Counter(flops);
   st.SetItemsProcessed(st.iterations() * T);
   std::int64_t min_kept = kept[0], max_kept = kept[0];
   for (std::int64_t n : kept) min_kept = std::min(min_kept, n), max_kept = std::max(max_kept, n);
@@ -235,7 +240,10 @@ void bm_layer(benchmark::State& st, op o, index_t T, index_t d, index_t h, int E
 }
 
 // ---------------------------------------------------------------------------------------------
-// vs_gemm: a reporter that remembers each gemm/ffn rate and divides the layer's by it.
+// vs_gemm: a reporter that pairs every layer step with the gemm/ffn benchmark of the same N, d,
+// h and threads (and the same aggregate: mean, median, or a plain run), adds the ratio of their
+// FLOP/s to the layer's row when the GEMM was reported first, and prints a summary of all pairs
+// at the end (any order, e.g. with --benchmark_enable_random_interleaving).
 // ---------------------------------------------------------------------------------------------
 
 class ratio_reporter : public benchmark::ConsoleReporter {
@@ -245,22 +253,45 @@ class ratio_reporter : public benchmark::ConsoleReporter {
   void ReportRuns(const std::vector<Run>& runs) override {
     std::vector<Run> out = runs;
     for (Run& run : out) {
+      if (run.error_occurred || run.aggregate_name == "stddev" || run.aggregate_name == "cv")
+        continue;
       const std::string name = run.benchmark_name();
-      auto it = run.counters.find("FLOP/s");
-      if (it == run.counters.end() || run.error_occurred) continue;
-      const double rate = it->second.value;  // counters arrive finished: already per second
-      // One entry per shape and aggregate (mean / median / stddev / cv, or "" for a plain run).
+      auto f = run.counters.find("flops");
+      if (f == run.counters.end()) continue;
+      const double unit = benchmark::GetTimeUnitMultiplier(run.time_unit);
+      const timing tm{name, f->second.value / (run.GetAdjustedRealTime() / unit),
+                      f->second.value / (run.GetAdjustedCPUTime() / unit),
+                      run.GetAdjustedRealTime(), run.GetAdjustedCPUTime()};
       const std::string key = shape_key(name) + "|" + run.aggregate_name;
       if (name.rfind("gemm/", 0) == 0) {
-        gemm_[key] = rate;
-      } else if (name.rfind("moe/step/", 0) == 0 && run.aggregate_name != "stddev" &&
-                 run.aggregate_name != "cv") {
+        gemm_[key] = tm;
+      } else if (name.rfind("moe/step/", 0) == 0) {
+        steps_.emplace_back(key, tm);
         auto g = gemm_.find(key);
-        if (g != gemm_.end() && g->second > 0)
-          run.counters["vs_gemm"] = benchmark::Counter(rate / g->second);
+        if (g != gemm_.end() && g->second.real_rate > 0)
+          run.counters["vs_gemm"] = benchmark::Counter(tm.real_rate / g->second.real_rate);
       }
     }
     ConsoleReporter::ReportRuns(out);
+  }
+
+  void Finalize() override {
+    ConsoleReporter::Finalize();
+    std::FILE* o = stdout;
+    std::fprintf(o, "\nvs_gemm: layer step FLOP/s / gemm/ffn FLOP/s (same N, d, h, threads)\n");
+    std::fprintf(o, "%-80s %9s %9s %8s %8s\n", "layer step", "layer ms", "gemm ms", "real", "cpu");
+    for (const auto& [key, tm] : steps_) {
+      auto g = gemm_.find(key);
+      if (g == gemm_.end()) continue;
+      const bool one_thread = key.find("/threads:1|") != std::string::npos;
+      std::fprintf(o, "%-80s %9.1f %9.1f %8.3f", tm.name.c_str(), tm.real, g->second.real,
+                   tm.real_rate / g->second.real_rate);
+      if (one_thread)  // CPU time is the main thread's: comparable with one thread only
+        std::fprintf(o, " %8.3f\n", tm.cpu_rate / g->second.cpu_rate);
+      else
+        std::fprintf(o, " %8s\n", "-");
+    }
+    std::fflush(o);
   }
 
   /// "N:<T·k>/d:<d>/h:<h>/threads:<n>" of either kind of name.
@@ -283,7 +314,13 @@ class ratio_reporter : public benchmark::ConsoleReporter {
   }
 
  private:
-  std::map<std::string, double> gemm_;
+  struct timing {
+    std::string name;
+    double real_rate, cpu_rate;  // FLOP/s by wall time and by the main thread's CPU time
+    double real, cpu;            // per iteration, in the run's time unit
+  };
+  std::map<std::string, timing> gemm_;
+  std::vector<std::pair<std::string, timing>> steps_;
 };
 
 // ---------------------------------------------------------------------------------------------
