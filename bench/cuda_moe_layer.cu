@@ -296,7 +296,7 @@ void BM_layer(benchmark::State& state, phase what, cuda::expert_gemm gemm) {
         benchmark::Counter(b.flops(), benchmark::Counter::kIsIterationInvariantRate);
     const auto dense = dense_rate().find(key);
     if (dense != dense_rate().end()) state.counters["of_dense"] = b.flops() / mean / dense->second;
-    if (std::is_same_v<Est, switch_router> && gemm == cuda::expert_gemm::grouped)
+    if (std::is_same_v<Est, switch_router> && gemm == cuda::expert_gemm::automatic)
       switch_seconds()[key] = mean;
     const auto sw = switch_seconds().find(key);
     if (sw != switch_seconds().end()) state.counters["vs_switch"] = mean / sw->second;
@@ -345,7 +345,7 @@ void shapes(benchmark::internal::Benchmark* b) {
 }
 
 template <class Est>
-void add(const char* name, phase what, cuda::expert_gemm gemm = cuda::expert_gemm::grouped) {
+void add(const char* name, phase what, cuda::expert_gemm gemm = cuda::expert_gemm::automatic) {
   shapes(benchmark::RegisterBenchmark(
       name, [what, gemm](benchmark::State& st) { BM_layer<Est>(st, what, gemm); }));
 }
@@ -366,6 +366,10 @@ const bool registered = [] {
   add<topk_softmax>("moe_layer/topk_softmax/bf16/fwd+bwd", phase::both);
   add<sparsemixer_heun3>("moe_layer/sparsemixer_heun3/bf16/fwd", phase::forward);
   add<sparsemixer_heun3>("moe_layer/sparsemixer_heun3/bf16/bwd", phase::backward);
+  add<switch_router>("moe_layer/switch/bf16/fwd+bwd/grouped_gemm", phase::both,
+                     cuda::expert_gemm::grouped);
+  add<sparsemixer_heun3>("moe_layer/sparsemixer_heun3/bf16/fwd+bwd/grouped_gemm", phase::both,
+                         cuda::expert_gemm::grouped);
   add<switch_router>("moe_layer/switch/bf16/fwd+bwd/per_expert_gemm", phase::both,
                      cuda::expert_gemm::per_expert);
   add<sparsemixer_heun3>("moe_layer/sparsemixer_heun3/bf16/fwd+bwd/per_expert_gemm", phase::both,

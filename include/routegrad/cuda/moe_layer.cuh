@@ -597,10 +597,10 @@ status run_moe_forward(const moe_options& opt, const device_moe_params<T>& param
 
   // The routing call's views, checked now so that it cannot fail after the router GEMM.
   const device_view<const M, 2> z(logits, {tokens, E});
-  const device_routing_state state{device_view<std::int32_t, 2>(experts, {tokens, k}, {1, tokens}),
-                                   device_view<std::uint8_t, 2>(coins, {tokens, k}, {1, tokens}),
-                                   rng};
-  const device_view<M, 2> route_gate_view(route_gates, {tokens, k}, {1, tokens});
+  const index_t ts = tokens > 0 ? tokens : 1;  // slot stride (≥ 1 so that T = 0 validates)
+  const device_routing_state state{device_view<std::int32_t, 2>(experts, {tokens, k}, {1, ts}),
+                                   device_view<std::uint8_t, 2>(coins, {tokens, k}, {1, ts}), rng};
+  const device_view<M, 2> route_gate_view(route_gates, {tokens, k}, {1, ts});
   ROUTEGRAD_RETURN_IF_ERROR(validation::check_forward<Est>(opt.routing, z, state, route_gate_view));
 
   const forward_scratch<T> W = forward_scratch_of<T>(opt, tokens);
@@ -712,7 +712,7 @@ status run_moe_forward(const moe_options& opt, const device_moe_params<T>& param
   }
   ROUTEGRAD_RETURN_IF_ERROR(stages.upload(
       ws.at<void*>(W.pointers), blas::expert_stages::pointer_slots(forward_stages, E), s));
-  const bool grouped = exec.gemm == expert_gemm::grouped;
+  const bool grouped = grouped_gemms(exec, opt.experts);
 
   if (rows > 0) {
     const strided<const T> xv{x.data_handle(), x.stride(0), x.stride(1)};
@@ -868,7 +868,7 @@ status run_moe_backward(const moe_options& opt, const device_moe_params<T>& para
   }
   ROUTEGRAD_RETURN_IF_ERROR(stages.upload(
       ws.at<void*>(W.pointers), blas::expert_stages::pointer_slots(backward_stages, E), s));
-  const bool grouped = exec.gemm == expert_gemm::grouped;
+  const bool grouped = grouped_gemms(exec, opt.experts);
 
   // Gate gradients and df (workspace only).
   const mixture<T, M> mix{gates,
@@ -932,17 +932,13 @@ status run_moe_backward(const moe_options& opt, const device_moe_params<T>& para
     ROUTEGRAD_CUDA_TRY(cudaGetLastError(), "convert kernel launch");
   }
 
-  // Router GEMMs: dW_r (+)= dzᵀ x, dx_router = dz W_r (dense mode: the rows of tokens it could
-  // not route read as zero, as its experts saw them).
-  blas::matrix xm{};
-  if (dense || !blas::make_matrix(x.data_handle(), tokens, d, x.stride(0), x.stride(1), xm) ||
-      xm.ld > INT_MAX) {
-    stage_kernel<T><<<grid_blocks(tokens * d, flat_threads), flat_threads, 0, s>>>(
-        xs, strided<const T>{x.data_handle(), x.stride(0), x.stride(1)}, tokens, d,
-        dense ? token_ok : nullptr);
-    ROUTEGRAD_CUDA_TRY(cudaGetLastError(), "stage kernel launch");
-    xm = block(xs, tokens, d);
-  }
+  // Router GEMMs: dW_r (+)= dzᵀ x, dx_router = dz W_r, on x staged contiguous with the rows of
+  // tokens the router could not route read as zero (their dz is 0, and 0·NaN must not reach
+  // dW_r; the CPU layer does the same).
+  stage_kernel<T><<<grid_blocks(tokens * d, flat_threads), flat_threads, 0, s>>>(
+      xs, strided<const T>{x.data_handle(), x.stride(0), x.stride(1)}, tokens, d, token_ok);
+  ROUTEGRAD_CUDA_TRY(cudaGetLastError(), "stage kernel launch");
+  const blas::matrix xm = block(xs, tokens, d);
   {
     blas::matrix gwr{}, wr{}, dzt{};
     (void)blas::make_matrix(grads.router_weight.data_handle(), E, d, grads.router_weight.stride(0),
