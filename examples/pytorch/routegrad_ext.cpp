@@ -4,7 +4,8 @@
 // torch.utils.cpp_extension.load and wraps it in a torch.autograd.Function.
 //
 // A routegrad::error (a failed status: the argument and the rule) is a std::runtime_error, which
-// pybind11 turns into a Python RuntimeError with the same message; so are TORCH_CHECK failures.
+// pybind11 turns into a Python RuntimeError with the same message; so are the extension's own
+// checks (fail()).
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -33,10 +34,9 @@ void with_host_float(const at::Tensor& logits, F&& f) {
   else if (logits.scalar_type() == at::kDouble)
     f(double{});
   else
-    TORCH_CHECK(false,
-                "logits: must be float32 or float64 on the CPU (float16 and bfloat16 only on "
-                "CUDA), got ",
-                logits.scalar_type());
+    fail(std::string("logits: must be float32 or float64 on the CPU (float16 and bfloat16 only on "
+                     "CUDA), got ") +
+         c10::toString(logits.scalar_type()));
 }
 
 routegrad::host_routing_state host_state(const at::Tensor& experts, const at::Tensor& coins,
@@ -110,10 +110,11 @@ py::tuple forward(const at::Tensor& logits, std::int64_t k, const std::string& e
 #if defined(ROUTEGRAD_EXT_CUDA)
     r = forward_cuda(logits, o);
 #else
-    TORCH_CHECK(false, "logits: a CUDA tensor, but this build of the extension has no CUDA path");
+    fail("logits: a CUDA tensor, but this build of the extension has no CUDA path");
 #endif
   } else {
-    TORCH_CHECK(logits.is_cpu(), "logits: must be a CPU or CUDA tensor, got ", logits.device());
+    if (!logits.is_cpu())
+      fail("logits: must be a CPU or CUDA tensor, got " + logits.device().str());
     r = forward_cpu(logits, o);
   }
   py::dict stats;
@@ -147,24 +148,25 @@ at::Tensor backward(const at::Tensor& logits, const at::Tensor& experts,
   }
   require_2d(grad_gates_in, "grad_gates");
   require_device(grad_gates_in, logits, "grad_gates");
-  TORCH_CHECK(at::isFloatingType(grad_gates_in.scalar_type()),
-              "grad_gates: must be a floating-point tensor, got ", grad_gates_in.scalar_type());
+  if (!at::isFloatingType(grad_gates_in.scalar_type()))
+    fail(std::string("grad_gates: must be a floating-point tensor, got ") +
+         c10::toString(grad_gates_in.scalar_type()));
   const at::Tensor grad_gates = grad_gates_in.to(logits.scalar_type());
   const at::Tensor counts = counts_in.has_value() ? *counts_in : at::Tensor();
   if (counts.defined()) {
     require_dtype(counts, at::kLong, "expert_counts");
     require_device(counts, logits, "expert_counts");
-    TORCH_CHECK(counts.dim() == 1 && counts.size(0) == logits.size(1) && counts.is_contiguous(),
-                "expert_counts: must be a contiguous int64 tensor [E] (the forward's counts)");
+    if (!(counts.dim() == 1 && counts.size(0) == logits.size(1) && counts.is_contiguous()))
+      fail("expert_counts: must be a contiguous int64 tensor [E] (the forward's counts)");
   }
   if (logits.is_cuda()) {
 #if defined(ROUTEGRAD_EXT_CUDA)
     return backward_cuda(logits, experts, coins, grad_gates, o, counts);
 #else
-    TORCH_CHECK(false, "logits: a CUDA tensor, but this build of the extension has no CUDA path");
+    fail("logits: a CUDA tensor, but this build of the extension has no CUDA path");
 #endif
   }
-  TORCH_CHECK(logits.is_cpu(), "logits: must be a CPU or CUDA tensor, got ", logits.device());
+  if (!logits.is_cpu()) fail("logits: must be a CPU or CUDA tensor, got " + logits.device().str());
   return backward_cpu(logits, experts, coins, grad_gates, o, counts);
 }
 

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -20,6 +21,15 @@ struct call_options {
   std::string estimator;
   routegrad::rng_stream rng;
 };
+
+/// Fails an argument check: pybind11 raises it as a Python RuntimeError with this message.
+///
+/// Messages are built with std::string and std::to_string and thrown as std::runtime_error,
+/// not through TORCH_CHECK: with PyTorch 2.11 on the GPU machine, a TORCH_CHECK failure raised
+/// inside this extension crashed (SIGSEGV in std::ostream's integer insertion, c10::str's
+/// ostringstream instantiated in the extension's own code), while routegrad's own errors
+/// (std::string concatenation) came through; see docs/integration.md.
+[[noreturn]] inline void fail(const std::string& message) { throw std::runtime_error(message); }
 
 /// Calls f(Est{}) for the estimator called `name`.
 template <class F>
@@ -35,9 +45,9 @@ void with_estimator(const std::string& name, F&& f) {
   else if (name == "sparsemixer_heun3")
     f(routegrad::sparsemixer_heun3{});
   else
-    TORCH_CHECK(false, "estimator: unknown name '", name,
-                "' (expected switch, topk_softmax, sparsemixer_euler, sparsemixer_midpoint or "
-                "sparsemixer_heun3)");
+    fail("estimator: unknown name '" + name +
+         "' (expected switch, topk_softmax, sparsemixer_euler, sparsemixer_midpoint or "
+         "sparsemixer_heun3)");
 }
 
 /// The options of one call. k and the coefficients are checked by routegrad itself (a k outside
@@ -47,8 +57,8 @@ inline call_options make_options(std::int64_t k, const std::string& estimator,
                                  std::int64_t offset, bool renormalize, double load_balance_coef,
                                  double z_loss_coef) {
   with_estimator(estimator, [](auto) {});  // reject an unknown name before any work
-  TORCH_CHECK(mode == "train" || mode == "eval", "mode: must be 'train' or 'eval', not '", mode,
-              "'");
+  if (mode != "train" && mode != "eval")
+    fail("mode: must be 'train' or 'eval', not '" + mode + "'");
   call_options o;
   o.routing.k = k >= 0 && k <= std::numeric_limits<int>::max() ? static_cast<int>(k) : 0;
   o.routing.mode = mode == "train" ? routegrad::routing_mode::train : routegrad::routing_mode::eval;
@@ -63,15 +73,19 @@ inline call_options make_options(std::int64_t k, const std::string& estimator,
 
 /// Torch's own checks, each naming the argument; everything else is left to routegrad.
 inline void require_2d(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), name, ": must be a tensor");
-  TORCH_CHECK(t.dim() == 2, name, ": must be a 2-D tensor, got ", t.dim(), "-D");
+  if (!t.defined()) fail(std::string(name) + ": must be a tensor");
+  if (t.dim() != 2)
+    fail(std::string(name) + ": must be a 2-D tensor, got " + std::to_string(t.dim()) + "-D");
 }
 inline void require_dtype(const at::Tensor& t, at::ScalarType type, const char* name) {
-  TORCH_CHECK(t.scalar_type() == type, name, ": must be ", type, ", got ", t.scalar_type());
+  if (t.scalar_type() != type)
+    fail(std::string(name) + ": must be " + c10::toString(type) + ", got " +
+         c10::toString(t.scalar_type()));
 }
 inline void require_device(const at::Tensor& t, const at::Tensor& logits, const char* name) {
-  TORCH_CHECK(t.device() == logits.device(), name, ": must be on the same device as logits (",
-              logits.device(), "), got ", t.device());
+  if (t.device() != logits.device())
+    fail(std::string(name) + ": must be on the same device as logits (" + logits.device().str() +
+         "), got " + t.device().str());
 }
 
 /// The slots to allocate for the outputs: k clamped to [0, E], so that a bad k reaches

@@ -41,8 +41,8 @@ void with_device_float(const at::Tensor& logits, F&& f) {
       f(tag<__nv_bfloat16>{});
       break;
     default:
-      TORCH_CHECK(false, "logits: must be float32, float64, float16 or bfloat16, got ",
-                  logits.scalar_type());
+      fail(std::string("logits: must be float32, float64, float16 or bfloat16, got ") +
+           c10::toString(logits.scalar_type()));
   }
 }
 
