@@ -58,9 +58,9 @@ forward_result forward_cpu(const at::Tensor& logits, const call_options& o) {
   const at::Tensor lb_loss = at::zeros({}, logits.options().dtype(at::kDouble));
   const at::Tensor z_loss = at::zeros({}, logits.options().dtype(at::kDouble));
   const at::Tensor nonfinite = at::zeros({}, logits.options().dtype(at::kLong));
-  const routegrad::host_routing_stats stats{counts.data_ptr<std::int64_t>(),
-                                            lb_loss.data_ptr<double>(), z_loss.data_ptr<double>(),
-                                            nonfinite.data_ptr<std::int64_t>()};
+  const routegrad::host_routing_stats stats{
+      counts.data_ptr<std::int64_t>(), loss_pointer(lb_loss, o.routing.load_balance_coef),
+      loss_pointer(z_loss, o.routing.z_loss_coef), nonfinite.data_ptr<std::int64_t>()};
   const routegrad::host_routing_state state = host_state(experts, coins, o);
   const routegrad::cpu::execution exec{at::get_num_threads()};
   with_host_float(logits, [&](auto t) {
@@ -97,7 +97,8 @@ at::Tensor backward_cpu(const at::Tensor& logits, const at::Tensor& experts,
 /// forward(logits [T, E], k, estimator, mode, jitter_eps, seed, offset, renormalize,
 ///         load_balance_coef, z_loss_coef) -> (gates [T, k], experts int32 [T, k],
 ///         coins uint8 [T, k], stats: dict of expert_counts int64 [E], load_balance_loss,
-///         z_loss (float64 scalars), nonfinite_rows (int64 scalar)), on the logits' device.
+///         z_loss (float64 scalars; 0 unless their coefficient is non-zero), nonfinite_rows
+///         (int64 scalar)), on the logits' device.
 py::tuple forward(const at::Tensor& logits, std::int64_t k, const std::string& estimator,
                   const std::string& mode, double jitter_eps, std::int64_t seed,
                   std::int64_t offset, bool renormalize, double load_balance_coef,

@@ -88,6 +88,13 @@ inline void require_device(const at::Tensor& t, const at::Tensor& logits, const 
          "), got " + t.device().str());
 }
 
+/// Where routegrad writes a loss value: only when its coefficient is non-zero (the value is
+/// α·… or β·…, so 0 otherwise, and computing it costs a reduction over the logits: on an H100
+/// the loss kernels were most of a small step's GPU time when the extension always asked).
+inline double* loss_pointer(const at::Tensor& value, double coef) {
+  return coef != 0.0 ? value.data_ptr<double>() : nullptr;
+}
+
 /// The slots to allocate for the outputs: k clamped to [0, E], so that a bad k reaches
 /// routegrad's own check instead of failing in the allocation.
 inline std::int64_t slots_to_allocate(std::int64_t k, std::int64_t experts) {

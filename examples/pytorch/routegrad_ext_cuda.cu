@@ -70,8 +70,8 @@ forward_result forward_cuda(const at::Tensor& logits, const call_options& o) {
   const at::Tensor z_loss = at::zeros({}, logits.options().dtype(at::kDouble));
   const at::Tensor nonfinite = at::zeros({}, logits.options().dtype(at::kLong));
   const routegrad::cuda::device_routing_stats stats{
-      counts.data_ptr<std::int64_t>(), lb_loss.data_ptr<double>(), z_loss.data_ptr<double>(),
-      nonfinite.data_ptr<std::int64_t>()};
+      counts.data_ptr<std::int64_t>(), loss_pointer(lb_loss, o.routing.load_balance_coef),
+      loss_pointer(z_loss, o.routing.z_loss_coef), nonfinite.data_ptr<std::int64_t>()};
   // Scratch for the loss values from torch's caching allocator (stream-ordered on this stream).
   const std::size_t bytes = routegrad::cuda::forward_workspace_bytes(rows, cols, stats);
   const at::Tensor workspace =

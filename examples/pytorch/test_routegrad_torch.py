@@ -122,6 +122,9 @@ def aux_losses_and_their_gradients():
     close(r.load_balance_loss, lb.detach(), torch.float64)
     close(r.z_loss, zl.detach(), torch.float64)
     close(z.grad, zr.grad, torch.float64)
+    # Without coefficients the loss values are not computed: both are exactly 0.
+    r0 = rt.route(z.detach(), k=k, estimator="topk_softmax")
+    assert float(r0.load_balance_loss) == 0.0 and float(r0.z_loss) == 0.0
 
 
 @check
