@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -13,6 +14,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "dataset.hpp"
@@ -37,6 +39,7 @@ struct settings {
   bool omega_all = false;
   bool dense_reference = false;
   std::string device = "cpu";
+  bool check_device = false;
   std::string out = "fashion_mnist_out";
   bool plot = true;
   bool progress = true;
@@ -69,7 +72,13 @@ void usage(std::FILE* f) {
       "  --train-subset N      first N training images (default all 60000)\n"
       "  --test-subset N       first N test images (default all 10000)\n"
       "  --threads N           CPU threads (default 1; 0 = OpenMP's default)\n"
-      "  --device cpu|cuda     cuda needs a build with the CUDA MoE layer\n"
+      "  --device cpu|cuda     cuda: the MoE blocks on the GPU (routegrad's CUDA layer, float32;\n"
+      "                        the rest on the CPU); needs a build with the CUDA back end\n"
+      "  --check-device        with --device cuda: train --steps steps of each estimator on both\n"
+      "                        devices from the same initialisation and batches, print the\n"
+      "                        largest relative differences of losses, gradients and parameters;\n"
+      "                        exit 1 when the first step differs beyond float tolerance, 77 when\n"
+      "                        there is no GPU\n"
       "  --out DIR             CSV files and plot (default fashion_mnist_out)\n"
       "  --no-plot             no PNG; --no-progress: no progress bar\n",
       default_data_dir());
@@ -175,6 +184,8 @@ settings parse(int argc, char** argv) {
     } else if (a == "--device") {
       s.device = next();
       if (s.device != "cpu" && s.device != "cuda") bad("--device must be cpu or cuda");
+    } else if (a == "--check-device") {
+      s.check_device = true;
     } else if (a == "--out") {
       s.out = next();
     } else if (a == "--no-plot") {
@@ -187,6 +198,8 @@ settings parse(int argc, char** argv) {
   }
   if (m.k > m.experts) bad("--k must not exceed --experts");
   if (s.train.batch > 60000) bad("--batch is larger than the training set");
+  if (s.check_device && s.device != "cuda") bad("--check-device needs --device cuda");
+  s.train.model.cuda = s.device == "cuda";
   return s;
 }
 
@@ -219,16 +232,174 @@ std::string python() {
   return "python3";
 }
 
+/// Normwise relative difference ‖a − b‖ / ‖a‖ over [off, off + n) (0 when both are zero).
+double rel_diff(const std::vector<float>& a, const std::vector<float>& b, std::size_t off,
+                std::size_t n) {
+  double num = 0.0, den = 0.0;
+  for (std::size_t i = off; i < off + n; ++i) {
+    const double d = static_cast<double>(a[i]) - static_cast<double>(b[i]);
+    num += d * d;
+    den += static_cast<double>(a[i]) * static_cast<double>(a[i]);
+  }
+  if (num == 0.0) return 0.0;
+  return den > 0.0 ? std::sqrt(num / den) : HUGE_VAL;
+}
+
+/// The parameter tensors, by name, offset and size (ω only when the model uses it).
+struct tensor_ref {
+  std::string name;
+  std::size_t off, n;
+};
+std::vector<tensor_ref> tensors_of(const model_config& m, const param_layout& L) {
+  const std::size_t d = static_cast<std::size_t>(m.d_model);
+  const std::size_t h = static_cast<std::size_t>(m.d_hidden);
+  const std::size_t E = static_cast<std::size_t>(m.experts);
+  std::vector<tensor_ref> t = {{"W_in", L.w_in, d * num_pixels}, {"b_in", L.b_in, d}};
+  for (std::size_t l = 0; l < L.blocks.size(); ++l) {
+    const param_layout::block& b = L.blocks[l];
+    const std::string p = "block" + std::to_string(l) + ".";
+    t.push_back({p + "W_r", b.router_w, E * d});
+    t.push_back({p + "b_r", b.router_b, E});
+    t.push_back({p + "W1", b.w1, E * h * d});
+    t.push_back({p + "b1", b.b1, E * h});
+    t.push_back({p + "W2", b.w2, E * d * h});
+    t.push_back({p + "b2", b.b2, E * d});
+    if (m.use_omega) t.push_back({p + "omega", b.omega, d});
+  }
+  t.push_back({"W_out", L.w_out, num_classes * d});
+  t.push_back({"b_out", L.b_out, num_classes});
+  return t;
+}
+
+/// The largest normwise relative difference over the tensors, and the tensor's name.
+std::pair<double, std::string> worst_tensor(const std::vector<tensor_ref>& ts,
+                                            const std::vector<float>& a,
+                                            const std::vector<float>& b) {
+  std::pair<double, std::string> w{0.0, "-"};
+  for (const tensor_ref& t : ts) {
+    const double r = rel_diff(a, b, t.off, t.n);
+    if (!(r <= w.first)) w = {r, t.name};
+  }
+  return w;
+}
+
+/// --check-device: for each estimator, from one seed, three models see the same batches: the
+/// CPU model, a GPU model trained on its own (the training result: losses, parameters and test
+/// metrics at the end), and a GPU model that takes the CPU model's parameters before every step
+/// (the layer's agreement at each step: loss and gradients from identical parameters).
+int check_device(const settings& s, const split& train, const split& test) {
+  const index_t B = s.train.batch;
+  if (train.n < B) throw std::invalid_argument("the training set is smaller than one batch");
+  const int steps = s.train.steps;
+  // The first step from identical parameters: float32 on both devices, different summation
+  // orders; a routing choice flipped by a near-tie would show as a much larger difference.
+  const double tol_loss = 1e-4, tol_grad = 1e-3;
+  std::printf(
+      "check-device: %d steps per estimator, batch %d, seed %llu; CPU vs GPU (normwise relative "
+      "differences, worst tensor)\n",
+      steps, static_cast<int>(B), static_cast<unsigned long long>(s.seed_base));
+  std::vector<float> xb(static_cast<std::size_t>(B) * num_pixels);
+  std::vector<std::uint8_t> yb(static_cast<std::size_t>(B));
+  bool ok = true;
+  for (const run_spec& spec : specs_of(s)) {
+    model_config mc = s.train.model;
+    mc.use_omega = spec.omega;
+    mc.dense = spec.estimator == "dense";
+    with_estimator(spec.estimator, [&](auto tag) {
+      using Est = typename decltype(tag)::type;
+      model_config cpu_cfg = mc;
+      cpu_cfg.cuda = false;
+      model_config gpu_cfg = mc;
+      gpu_cfg.cuda = true;
+      cpu_model cpu(cpu_cfg, s.seed_base), gpu(gpu_cfg, s.seed_base), lock(gpu_cfg, s.seed_base);
+      const std::vector<tensor_ref> ts = tensors_of(mc, cpu.layout());
+      double first_loss = 0.0, first_grad = 0.0, max_lock_loss = 0.0, max_lock_grad = 0.0,
+             max_free_loss = 0.0, last_cpu_loss = 0.0, last_gpu_loss = 0.0;
+      std::string first_grad_at, max_lock_grad_at;
+      int max_lock_step = 0;
+      bool finite = true;
+      for (int step = 1; step <= steps; ++step) {
+        for (index_t i = 0; i < B; ++i) {  // consecutive images, wrapping around
+          const std::int64_t src =
+              (static_cast<std::int64_t>(step - 1) * B + i) % static_cast<std::int64_t>(train.n);
+          std::copy_n(train.pixels.data() + src * num_pixels, num_pixels,
+                      xb.data() + static_cast<std::size_t>(i) * num_pixels);
+          yb[static_cast<std::size_t>(i)] = train.labels[static_cast<std::size_t>(src)];
+        }
+        const std::uint64_t st = static_cast<std::uint64_t>(step);
+        lock.parameters() = cpu.parameters();
+        const double lc = cpu.template train_step<Est>(xb.data(), yb.data(), B, st);
+        const double lg = gpu.template train_step<Est>(xb.data(), yb.data(), B, st);
+        const double ll = lock.template train_step<Est>(xb.data(), yb.data(), B, st);
+        finite = finite && std::isfinite(lc) && std::isfinite(lg) && std::isfinite(ll);
+        const double dl = std::fabs(ll - lc) / std::max(std::fabs(lc), 1e-30);
+        const auto dg = worst_tensor(ts, cpu.gradients(), lock.gradients());
+        if (step == 1) {
+          first_loss = dl;
+          first_grad = dg.first;
+          first_grad_at = dg.second;
+        }
+        max_lock_loss = std::max(max_lock_loss, dl);
+        if (!(dg.first <= max_lock_grad)) {
+          max_lock_grad = dg.first;
+          max_lock_grad_at = dg.second;
+          max_lock_step = step;
+        }
+        max_free_loss =
+            std::max(max_free_loss, std::fabs(lg - lc) / std::max(std::fabs(lc), 1e-30));
+        last_cpu_loss = lc;
+        last_gpu_loss = lg;
+        adam_config adam = s.train.adam;
+        adam.lr = learning_rate(s.train, step);
+        cpu.adam_step(adam);
+        gpu.adam_step(adam);
+      }
+      const auto dp = worst_tensor(ts, cpu.parameters(), gpu.parameters());
+      const eval_result ec = cpu.template evaluate<Est>(test);
+      const eval_result eg = gpu.template evaluate<Est>(test);
+      const bool pass = finite && first_loss <= tol_loss && first_grad <= tol_grad;
+      ok = ok && pass;
+      std::printf(
+          "%-15s %s\n"
+          "  step 1, same parameters:      loss %.2e  gradients %.2e (%s)\n"
+          "  every step, same parameters:  loss %.2e  gradients %.2e (%s, step %d)\n"
+          "  trained apart for %d steps:   loss %.2e (last: CPU %.5f GPU %.5f), parameters %.2e "
+          "(%s)\n"
+          "  test set at the end:          CPU acc %.2f%% loss %.5f | GPU acc %.2f%% loss %.5f\n",
+          spec.label().c_str(), pass ? "ok" : "FAILED", first_loss, first_grad,
+          first_grad_at.c_str(), max_lock_loss, max_lock_grad, max_lock_grad_at.c_str(),
+          max_lock_step, steps, max_free_loss, last_cpu_loss, last_gpu_loss, dp.first,
+          dp.second.c_str(), 100.0 * ec.accuracy, ec.loss, 100.0 * eg.accuracy, eg.loss);
+      std::fflush(stdout);
+      return 0;
+    });
+  }
+  std::printf(
+      "check-device: %s (step 1 from the same parameters: loss within %.0e, every "
+      "gradient tensor within %.0e; later steps may differ more where a near-tie "
+      "flips a routing choice)\n",
+      ok ? "passed" : "FAILED", tol_loss, tol_grad);
+  return ok ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const settings s = parse(argc, argv);
   if (s.device == "cuda") {
+#ifdef FMNIST_WITH_CUDA
+    std::string why;
+    if (!cuda_device_available(why)) {
+      std::fprintf(stderr, "fashion_mnist: --device cuda: no usable CUDA device (%s)%s\n",
+                   why.c_str(), s.check_device ? "; --check-device skipped" : "");
+      return s.check_device ? 77 : 1;
+    }
+#else
     std::fprintf(stderr,
-                 "fashion_mnist: --device cuda is not implemented yet: the trainer has only the "
-                 "CPU model (model.hpp, cpu_model); a CUDA model with the same interface would "
-                 "use the CUDA MoE layer (include/routegrad/cuda/moe_layer.cuh) and cuBLAS\n");
+                 "fashion_mnist: --device cuda: this build has no CUDA back end (configure with "
+                 "a CUDA toolkit and -DROUTEGRAD_ENABLE_CUDA=ON or AUTO); use --device cpu\n");
     return 2;
+#endif
   }
 
   dataset data;
@@ -240,6 +411,14 @@ int main(int argc, char** argv) {
   }
   const split train = head(data.train, s.train.train_subset);
   const split test = head(data.test, s.train.test_subset);
+  if (s.check_device) {
+    try {
+      return check_device(s, train, test);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "fashion_mnist: %s\n", e.what());
+      return 1;
+    }
+  }
 
   const std::vector<run_spec> specs = specs_of(s);
   const int total_runs = static_cast<int>(specs.size()) * s.seeds;

@@ -1,5 +1,7 @@
 // The Fashion-MNIST MoE classifier, on the CPU: dense parts with Eigen, the MoE blocks with
-// routegrad's reference layer (routegrad/moe/api.hpp).
+// routegrad's reference layer (routegrad/moe/api.hpp), or with model_config::cuda the MoE blocks
+// on the GPU through routegrad's CUDA layer (cuda_block.hpp; builds with FMNIST_WITH_CUDA), the
+// rest (input projection, head, loss, Adam) staying on the CPU.
 //
 //   h_0     = x W_inᵀ + b_in                    input projection 784 → d (linear)
 //   h_{l+1} = h_l + MoE_l(h_l)                   l = 0..blocks−1, residual MoE FFN blocks
@@ -25,13 +27,18 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <random>
 #include <routegrad/moe/api.hpp>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "dataset.hpp"
+#ifdef FMNIST_WITH_CUDA
+#include "cuda_block.hpp"
+#endif
 
 namespace fmnist {
 
@@ -48,9 +55,10 @@ struct model_config {
   double load_balance = 0.01;  // α of the Switch load-balancing loss (SPEC §5)
   double z_loss = 0.0;         // β of the router z-loss
   bool dense = false;          // every expert on every token (mixing::dense), for reference
-  int threads = 1;  // cpu::execution::num_threads and Eigen's (0: OpenMP's default). One thread
-                    // by default: at this size a second one gains ~25%, and when another process
-                    // shares the cores OpenMP's barriers make two threads 5-10x slower.
+  bool cuda = false;  // the MoE blocks on the GPU (float32; needs a build with FMNIST_WITH_CUDA)
+  int threads = 1;    // cpu::execution::num_threads and Eigen's (0: OpenMP's default). One thread
+                      // by default: at this size a second one gains ~25%, and when another process
+                      // shares the cores OpenMP's barriers make two threads 5-10x slower.
 };
 
 struct adam_config {
@@ -173,9 +181,17 @@ class cpu_model {
     // take cfg.threads through cpu::execution.
     if (cfg.threads > 0) Eigen::setNbThreads(cfg.threads);
     init(seed);
+    if (cfg.cuda) {
+#ifdef FMNIST_WITH_CUDA
+      gpu_ = std::make_unique<cuda_moe_blocks>(cfg.blocks, block_slice_of());
+#else
+      throw std::runtime_error("this fashion_mnist was built without the CUDA back end");
+#endif
+    }
   }
 
   const model_config& config() const { return cfg_; }
+  const param_layout& layout() const { return layout_; }
   std::size_t num_parameters() const {
     const std::size_t d = static_cast<std::size_t>(cfg_.d_model);
     const std::size_t h = static_cast<std::size_t>(cfg_.d_hidden);
@@ -274,6 +290,40 @@ class cpu_model {
     return o;
   }
 
+#ifdef FMNIST_WITH_CUDA
+  template <class Est>
+  estimator_id estimator_of() const {
+    if constexpr (std::is_same_v<Est, routegrad::switch_router>)
+      return estimator_id::switch_router;
+    else if constexpr (std::is_same_v<Est, routegrad::topk_softmax>)
+      return estimator_id::topk_softmax;
+    else if constexpr (std::is_same_v<Est, routegrad::sparsemixer_euler>)
+      return estimator_id::euler;
+    else if constexpr (std::is_same_v<Est, routegrad::sparsemixer_midpoint>)
+      return estimator_id::midpoint;
+    else {
+      static_assert(std::is_same_v<Est, routegrad::sparsemixer_heun3>, "unknown estimator");
+      return estimator_id::heun3;
+    }
+  }
+
+  /// A block's tensors relative to its router weight (the same for every block: one layout).
+  block_slice block_slice_of() const {
+    block_slice s;
+    if (layout_.blocks.empty()) return s;
+    const param_layout::block& b = layout_.blocks.front();
+    s.router_w = 0;
+    s.router_b = b.router_b - b.router_w;
+    s.w1 = b.w1 - b.router_w;
+    s.b1 = b.b1 - b.router_w;
+    s.w2 = b.w2 - b.router_w;
+    s.b2 = b.b2 - b.router_w;
+    s.omega = b.omega - b.router_w;
+    s.size = s.omega + static_cast<std::size_t>(cfg_.d_model);
+    return s;
+  }
+#endif
+
   float* at(std::size_t off) { return theta_.data() + off; }
   const float* at(std::size_t off) const { return theta_.data() + off; }
 
@@ -367,9 +417,17 @@ class cpu_model {
       stats.nonfinite_rows = &nonfinite;
       // One random stream per (run, block); the step is the offset (SPEC §3 counter layout).
       const routegrad::rng_stream rng{seed_ * 1000003ULL + static_cast<std::uint64_t>(l), step, 0};
-      routegrad::check(routegrad::moe_forward<Est, float>(
-          opt, block_params(l), routegrad::host_matrix<const float>(h_[ul].data(), B, d),
-          routegrad::host_matrix(y_.data(), B, d), rng, ctx.block[ul].view(), stats, exec));
+#ifdef FMNIST_WITH_CUDA
+      if (gpu_) {
+        nonfinite = gpu_->forward(estimator_of<Est>(), opt, l, at(layout_.blocks[ul].router_w),
+                                  h_[ul].data(), y_.data(), B, rng);
+      } else
+#endif
+      {
+        routegrad::check(routegrad::moe_forward<Est, float>(
+            opt, block_params(l), routegrad::host_matrix<const float>(h_[ul].data(), B, d),
+            routegrad::host_matrix(y_.data(), B, d), rng, ctx.block[ul].view(), stats, exec));
+      }
       nonfinite_rows_ += nonfinite;
       h_[ul + 1] = h_[ul] + y_;
     }
@@ -395,11 +453,20 @@ class cpu_model {
     dx_.resize(B, d);
     for (int l = cfg_.blocks - 1; l >= 0; --l) {
       const std::size_t ul = static_cast<std::size_t>(l);
-      routegrad::check(routegrad::moe_backward<Est, float>(
-          opt, block_params(l), routegrad::host_matrix<const float>(h_[ul].data(), B, d),
-          routegrad::host_matrix<const float>(dh_.data(), B, d), train_ctx_.block[ul].cview(),
-          block_grads(l), routegrad::host_matrix(dx_.data(), B, d), routegrad::grad_mode::overwrite,
-          exec));
+#ifdef FMNIST_WITH_CUDA
+      if (gpu_) {
+        const std::size_t off = layout_.blocks[ul].router_w;
+        gpu_->backward(estimator_of<Est>(), opt, l, at(off), h_[ul].data(), dh_.data(), g + off,
+                       dx_.data(), B);
+      } else
+#endif
+      {
+        routegrad::check(routegrad::moe_backward<Est, float>(
+            opt, block_params(l), routegrad::host_matrix<const float>(h_[ul].data(), B, d),
+            routegrad::host_matrix<const float>(dh_.data(), B, d), train_ctx_.block[ul].cview(),
+            block_grads(l), routegrad::host_matrix(dx_.data(), B, d),
+            routegrad::grad_mode::overwrite, exec));
+      }
       dh_ += dx_;  // residual: dL/dh_l = dL/dh_{l+1} + (dMoE/dh_l)ᵀ dL/dh_{l+1}
     }
     const Eigen::Map<const row_matrix> X(x, B, num_pixels);
@@ -418,6 +485,9 @@ class cpu_model {
   contexts train_ctx_, eval_ctx_;
   std::vector<row_matrix> h_;
   row_matrix y_, logits_, dh_, dx_;
+#ifdef FMNIST_WITH_CUDA
+  std::unique_ptr<cuda_moe_blocks> gpu_;
+#endif
 };
 
 }  // namespace fmnist
