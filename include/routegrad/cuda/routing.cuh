@@ -19,11 +19,11 @@ namespace routegrad::cuda {
 
 /// How the MoE layer runs its expert GEMMs (the routing entry points ignore it).
 enum class expert_gemm : std::uint8_t {
-  automatic,   // per_expert for E ≤ automatic_per_expert_max_experts, else grouped (measured on an
-               // H100, bf16: per-expert 2.1 ms vs grouped 3.0 ms at E = 8, grouped 2.0 ms vs
-               // per-expert 5.4 ms at E = 64; docs/performance.md)
-  grouped,     // one cublasGemmGroupedBatchedEx per GEMM stage (one call per expert where cuBLAS
-               // has no grouped kernel for the type)
+  automatic,  // per_expert for E ≤ automatic_per_expert_max_experts, else grouped (measured on an
+              // H100, bf16: per-expert 2.1 ms vs grouped 3.0 ms at E = 8, grouped 2.0 ms vs
+              // per-expert 5.4 ms at E = 64; docs/performance.md)
+  grouped,    // one cublasGemmGroupedBatchedEx per GEMM stage (one call per expert where cuBLAS
+              // has no grouped kernel for the type)
   per_expert,  // one cublasGemmEx per expert with rows
 };
 
