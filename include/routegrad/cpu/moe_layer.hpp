@@ -994,52 +994,42 @@ status run_moe_backward(const moe_options& opt, const host_moe_params<T>& params
   const index_t n_w1 = E * w1_blocks, n_w2 = E * w2_blocks;
   const index_t items = n_w1 + n_w2 + router_blocks + dx_tiles + 2;
   const double work = 2 * static_cast<double>(N) * fd * fh + 4 * static_cast<double>(n) * fd * fE;
+  // One block of an expert's weight and bias gradients, reduced over all of its rows in one GEMM:
+  // gw_e[c0:c0+cb, :] = dG_e[:, c0:c0+cb]ᵀ In_e and gb_e[c0:c0+cb] = Σ_r dG_e[r, c0:c0+cb], with
+  // dG [rows, g_cols] and In [rows, in_cols] in packed-row order.
+  auto weight_grad_block = [&](const M* dG, index_t g_cols, const M* in, index_t in_cols, index_t e,
+                               index_t c0, index_t cb, const auto& gw, const auto& gb,
+                               std::vector<M>& scratch) {
+    const index_t r0 = c.offsets[e], ne = c.offsets[e + 1] - r0;
+    M* out = ensure(scratch, static_cast<std::size_t>(cb * (in_cols + 1)));
+    M* bias = out + cb * in_cols;
+    auto o = mmat(out, cb, in_cols, in_cols);
+    const auto dGe = cmat<M>(dG + r0 * g_cols, ne, g_cols, g_cols);
+    if (ne > 0)
+      o.noalias() =
+          dGe.middleCols(c0, cb).transpose() * cmat<M>(in + r0 * in_cols, ne, in_cols, in_cols);
+    else
+      o.setZero();
+    std::fill(bias, bias + cb, M(0));
+    for (index_t r = 0; r < ne; ++r)
+      for (index_t q = 0; q < cb; ++q) bias[q] += dGe(r, c0 + q);
+    store(gw.data_handle() + e * gw.stride(0) + c0 * gw.stride(1), gw.stride(1), gw.stride(2), out,
+          cb, in_cols, in_cols, mode);
+    store(gb.data_handle() + e * gb.stride(0) + c0 * gb.stride(1), gb.stride(1), index_t(0), bias,
+          cb, 1, 1, mode);
+  };
   for_each_item<M>(items, work, exec, [&](index_t item, std::vector<M>& scratch) {
     if (item < n_w1) {  // dW1_e[i0:i1, :] = dH_e[:, i0:i1]ᵀ X_e, db1_e[i0:i1] = Σ_r dH_e[r, i0:i1]
-      const index_t e = item / w1_blocks, i0 = (item % w1_blocks) * blk,
-                    rb = std::min(h1, i0 + blk) - i0;
-      const index_t r0 = c.offsets[e], ne = c.offsets[e + 1] - r0;
-      M* out = ensure(scratch, static_cast<std::size_t>(rb * (d + 1)));
-      M* bias = out + rb * d;
-      auto o = mmat(out, rb, d, d);
-      const auto dHe = cmat<M>(dH.data() + r0 * h1, ne, h1, h1);
-      if (ne > 0)
-        o.noalias() = dHe.middleCols(i0, rb).transpose() * cmat<M>(Xp.data() + r0 * d, ne, d, d);
-      else
-        o.setZero();
-      std::fill(bias, bias + rb, M(0));
-      for (index_t r = 0; r < ne; ++r)
-        for (index_t q = 0; q < rb; ++q) bias[q] += dHe(r, i0 + q);
-      const auto& gw = grads.w1;
-      store(gw.data_handle() + e * gw.stride(0) + i0 * gw.stride(1), gw.stride(1), gw.stride(2),
-            out, rb, d, d, mode);
-      const auto& gb = grads.b1;
-      store(gb.data_handle() + e * gb.stride(0) + i0 * gb.stride(1), gb.stride(1), index_t(0), bias,
-            rb, 1, 1, mode);
+      const index_t e = item / w1_blocks, i0 = (item % w1_blocks) * blk;
+      weight_grad_block(dH.data(), h1, Xp.data(), d, e, i0, std::min(h1, i0 + blk) - i0, grads.w1,
+                        grads.b1, scratch);
       return;
     }
     item -= n_w1;
     if (item < n_w2) {  // dW2_e[c0:c1, :] = dF_e[:, c0:c1]ᵀ A_e, db2_e[c0:c1] = Σ_r dF_e[r, c0:c1]
-      const index_t e = item / w2_blocks, c0 = (item % w2_blocks) * blk,
-                    cb = std::min(d, c0 + blk) - c0;
-      const index_t r0 = c.offsets[e], ne = c.offsets[e + 1] - r0;
-      M* out = ensure(scratch, static_cast<std::size_t>(cb * (h + 1)));
-      M* bias = out + cb * h;
-      auto o = mmat(out, cb, h, h);
-      const auto dFe = cmat<M>(dF.data() + r0 * d, ne, d, d);
-      if (ne > 0)
-        o.noalias() = dFe.middleCols(c0, cb).transpose() * cmat<M>(c.post + r0 * h, ne, h, h);
-      else
-        o.setZero();
-      std::fill(bias, bias + cb, M(0));
-      for (index_t r = 0; r < ne; ++r)
-        for (index_t q = 0; q < cb; ++q) bias[q] += dFe(r, c0 + q);
-      const auto& gw = grads.w2;
-      store(gw.data_handle() + e * gw.stride(0) + c0 * gw.stride(1), gw.stride(1), gw.stride(2),
-            out, cb, h, h, mode);
-      const auto& gb = grads.b2;
-      store(gb.data_handle() + e * gb.stride(0) + c0 * gb.stride(1), gb.stride(1), index_t(0), bias,
-            cb, 1, 1, mode);
+      const index_t e = item / w2_blocks, c0 = (item % w2_blocks) * blk;
+      weight_grad_block(dF.data(), d, c.post, h, e, c0, std::min(d, c0 + blk) - c0, grads.w2,
+                        grads.b2, scratch);
       return;
     }
     item -= n_w2;
