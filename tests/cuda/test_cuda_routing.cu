@@ -1,6 +1,7 @@
 // The CUDA routing entry points against the double-precision SPEC reference and the CPU back end:
 // every estimator, k in {1, 2, 4}, E in {1, 7, 8, 64, 100, 128, 256, 1000}, T not a multiple of
-// any block size, contiguous and strided, fp32 here (bf16 / fp16 in test_cuda_routing_lowp.cu).
+// any block size (and T ≥ 32768 for the thread-per-token shape), contiguous and strided, fp32
+// here (bf16 / fp16 in test_cuda_routing_lowp.cu).
 #include "routing_check.cuh"
 
 namespace {
@@ -47,4 +48,26 @@ TEST_CASE("cuda routing fp32: strided and contiguous, train and eval, every esti
 TEST_CASE("cuda routing fp64: sparsemixer midpoint and topk_softmax") {
   sweep<sparsemixer_midpoint, double>(600, false);
   sweep<topk_softmax, double>(700, false);
+}
+TEST_CASE("cuda routing fp32: large batches with few experts (one thread per token)") {
+  // From T = 32768 on, E ≤ 8 runs a thread per token (cuda/routing.cuh, lanes_for): its own
+  // launch shape, bound checks and shared-memory layout.
+  check_case<sparsemixer_midpoint, float>(
+      {40001, 8, 2, false, routing_mode::train, false, 0.05, 0.002}, 900);
+  check_case<sparsemixer_heun3, float>({33333, 7, 1, true, routing_mode::train, true, 0.0, 0.0},
+                                       901);
+  check_case<switch_router, float>({32769, 8, 4, true, routing_mode::train, false, 0.01, 0.0}, 902);
+  check_case<topk_softmax, float>({32770, 1, 1, false, routing_mode::eval, false, 0.0, 0.001}, 903);
+}
+TEST_CASE("cuda routing fp32: k beyond the slots kept in registers") {
+  // The kernels keep the first cuda::detail::register_slots choices of a token in registers and
+  // read later ones back from the caller's buffers.
+  static_assert(cuda::detail::register_slots < 6, "k = 6 must exceed the register slots");
+  check_case<sparsemixer_heun3, float>({777, 64, 6, true, routing_mode::train, true, 0.05, 0.002},
+                                       910);
+  check_case<switch_router, float>({1234, 100, 6, false, routing_mode::train, false, 0.0, 0.0},
+                                   911);
+  check_case<sparsemixer_euler, float>({40000, 8, 6, false, routing_mode::train, false, 0.0, 0.0},
+                                       912);
+  check_case<topk_softmax, float>({300, 256, 6, true, routing_mode::eval, true, 0.05, 0.0}, 913);
 }

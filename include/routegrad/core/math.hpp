@@ -46,6 +46,15 @@ ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE double log(double x) {
 #endif
 }
 
+/// Index of the lowest set bit of x != 0.
+ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE int lowest_bit(unsigned x) {
+#if ROUTEGRAD_DEVICE_PASS
+  return __ffs(static_cast<int>(x)) - 1;
+#else
+  return __builtin_ctz(x);
+#endif
+}
+
 ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE float erf(float x) {
 #if ROUTEGRAD_DEVICE_PASS
   return ::erff(x);

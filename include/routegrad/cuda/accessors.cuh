@@ -18,7 +18,10 @@ __device__ staged_row<M> stage_row(const Lanes& lanes, const T* src, index_t str
                                    const rng_stream& rng, index_t t, M noise_eps, M* values,
                                    M* noise) {
   __syncwarp(lanes.mask);  // every lane is done with the previous row
-  for (int i = lanes.lane(); i < n; i += lanes.count()) values[i] = to_math<M>(src[i * stride]);
+  if (stride == 1)
+    lanes.each(n, [&](int i) { values[i] = to_math<M>(src[i]); });
+  else
+    lanes.each(n, [&](int i) { values[i] = to_math<M>(src[i * stride]); });
   if (noise_eps != M(0)) {
     for (int g = lanes.lane(); 4 * g < n; g += lanes.count()) {
       const philox4x32 b = switch_noise_block(rng, t, g);
@@ -46,14 +49,23 @@ struct device_forward_slots {
   std::int32_t chosen[KMax];
   M kept_gate[KMax];
 
+  // The register arrays are only ever indexed inside fully unrolled loops (a run-time index would
+  // move them to local memory).
   __device__ index_t expert(int j) const {
-    return j < KMax ? chosen[j] : experts[j * expert_stride];
+    if (j >= KMax) return experts[j * expert_stride];
+    std::int32_t e = chosen[0];
+#pragma unroll
+    for (int s = 1; s < KMax; ++s)
+      if (s == j) e = chosen[s];
+    return e;
   }
   __device__ void record(int j, index_t e, M gate, int coin) {
-    if (j < KMax) {
-      chosen[j] = static_cast<std::int32_t>(e);
-      kept_gate[j] = gate;
-    }
+#pragma unroll
+    for (int s = 0; s < KMax; ++s)
+      if (s == j) {
+        chosen[s] = static_cast<std::int32_t>(e);
+        kept_gate[s] = gate;
+      }
     if (leader) {
       experts[j * expert_stride] = static_cast<std::int32_t>(e);
       gates[j * gate_stride] = from_math<G>(gate);
@@ -62,15 +74,24 @@ struct device_forward_slots {
     if (j >= KMax) __syncwarp(mask);
   }
   __device__ M gate(int j) const {
-    return j < KMax ? kept_gate[j] : to_math<M>(gates[j * gate_stride]);
+    if (j >= KMax) return to_math<M>(gates[j * gate_stride]);
+    M g = kept_gate[0];
+#pragma unroll
+    for (int s = 1; s < KMax; ++s)
+      if (s == j) g = kept_gate[s];
+    return g;
   }
   __device__ void set_gate(int j, M g) {
-    if (j < KMax) kept_gate[j] = g;
+#pragma unroll
+    for (int s = 0; s < KMax; ++s)
+      if (s == j) kept_gate[s] = g;
     if (leader) gates[j * gate_stride] = from_math<G>(g);
   }
 };
 
-template <class GG, class M>
+/// Backward slots: the first KMax slots' expert, coin and gate gradient are read once into
+/// registers; later slots are read from global memory when asked for.
+template <class GG, class M, int KMax>
 struct device_backward_slots {
   const std::int32_t* experts;
   index_t expert_stride;
@@ -78,10 +99,38 @@ struct device_backward_slots {
   index_t coin_stride;
   const GG* grad_gates;
   index_t grad_stride;
+  std::int32_t kept_expert[KMax];
+  int kept_coin[KMax];
+  M kept_grad[KMax];
 
-  __device__ index_t expert(int j) const { return experts[j * expert_stride]; }
-  __device__ int coin(int j) const { return coins ? coins[j * coin_stride] : 0; }
-  __device__ M grad_gate(int j) const { return to_math<M>(grad_gates[j * grad_stride]); }
+  __device__ device_backward_slots(const std::int32_t* e, index_t es, const std::uint8_t* c,
+                                   index_t cs, const GG* g, index_t gs, int k)
+      : experts(e), expert_stride(es), coins(c), coin_stride(cs), grad_gates(g), grad_stride(gs) {
+#pragma unroll
+    for (int s = 0; s < KMax; ++s) {
+      kept_expert[s] = s < k ? experts[s * expert_stride] : 0;
+      kept_coin[s] = s < k && coins ? coins[s * coin_stride] : 0;
+      kept_grad[s] = s < k ? to_math<M>(grad_gates[s * grad_stride]) : M(0);
+    }
+  }
+
+  template <class V>
+  __device__ static V pick(const V (&kept)[KMax], int j) {
+    V v = kept[0];
+#pragma unroll
+    for (int s = 1; s < KMax; ++s)
+      if (s == j) v = kept[s];
+    return v;
+  }
+  __device__ index_t expert(int j) const {
+    return j < KMax ? pick(kept_expert, j) : experts[j * expert_stride];
+  }
+  __device__ int coin(int j) const {
+    return j < KMax ? pick(kept_coin, j) : (coins ? coins[j * coin_stride] : 0);
+  }
+  __device__ M grad_gate(int j) const {
+    return j < KMax ? pick(kept_grad, j) : to_math<M>(grad_gates[j * grad_stride]);
+  }
 };
 
 /// The group's gradient row in shared memory; each lane touches only its own elements.

@@ -2,6 +2,8 @@
 // thread per token, for small E). Same members as serial_lanes (estimators/lanes.hpp), so the
 // per-token rules run unchanged. Every reduction is a butterfly, so all lanes of the group end
 // with bitwise-identical results; the group's own mask lets groups of one warp diverge freely.
+// `PerLane` > 0 promises rows of at most Width · PerLane elements: the row loops then unroll
+// completely (independent iterations in flight, immediate shared-memory offsets); 0 = any E.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -10,10 +12,11 @@
 
 namespace routegrad::cuda {
 
-template <int Width>
+template <int Width, int PerLane = 0>
 struct warp_lanes {
   static_assert(Width >= 1 && Width <= 32 && (Width & (Width - 1)) == 0,
                 "Width must be a power of two up to 32");
+  static_assert(PerLane >= 0, "PerLane: 0 (any E) or the elements per lane");
   unsigned mask;  // this group's lanes within the warp
   int lane_id;    // 0..Width-1
 
@@ -27,6 +30,27 @@ struct warp_lanes {
   __device__ static constexpr int count() { return Width; }
   __device__ int lane() const { return lane_id; }
 
+  template <class F>
+  __device__ __forceinline__ void each(int n, F&& f) const {
+    if constexpr (PerLane > 0) {
+      if (n == Width * PerLane) {  // a full row (E a power of two): no bound test per element
+#pragma unroll
+        for (int s = 0; s < PerLane; ++s) f(lane_id + s * Width);
+      } else {
+#pragma unroll
+        for (int s = 0; s < PerLane; ++s) {
+          const int i = lane_id + s * Width;
+          if (i < n) f(i);
+        }
+      }
+    } else {
+      for (int i = lane_id; i < n; i += Width) f(i);
+    }
+  }
+  __device__ static constexpr int steps(int n) {
+    return PerLane > 0 ? PerLane : (n + Width - 1) / Width;
+  }
+
   template <class M>
   __device__ M sum(M x) const {
     for (int d = Width / 2; d > 0; d /= 2) x += __shfl_xor_sync(mask, x, d, Width);
@@ -39,6 +63,10 @@ struct warp_lanes {
                              __shfl_xor_sync(mask, x.index, d, Width)};
       x = better_extreme(x, o);
     }
+    return x;
+  }
+  __device__ unsigned bit_or(unsigned x) const {
+    for (int d = Width / 2; d > 0; d /= 2) x |= __shfl_xor_sync(mask, x, d, Width);
     return x;
   }
   __device__ bool any(bool x) const {

@@ -102,12 +102,27 @@ status check_logits_and_state(const device_view<TL, 2>& logits,
   return check_device_pointer(counts, "stats.expert_counts: not device memory");
 }
 
-/// Lanes per token (1, 8 or 32): about four elements per lane, widened for small batches so
-/// that enough threads are in flight.
-inline int lanes_for(index_t rows, index_t cols) {
-  int width = cols <= 8 ? 1 : (cols <= 64 ? 8 : 32);
-  while (width < 32 && width < cols && rows * width < 65536) width = width == 1 ? 8 : 32;
-  return width;
+/// How a launch spreads a token over lanes: `width` lanes per token, and rows of at most
+/// width · per_lane elements (per_lane 0: any E, run-time loops).
+struct lanes_shape {
+  int width;
+  int per_lane;
+};
+
+/// The shape for a batch. Each reduction across a token's lanes costs a chain of shuffles that
+/// every lane of the warp executes, so few lanes per token (more tokens per warp) run fewer
+/// instructions per element; too few lanes leave long per-lane loops and little parallelism.
+/// Measured on an H200 (bench/cuda_routing.cu's shapes, docs/performance.md): E = 64: 4 lanes
+/// with run-time loops beat 8 lanes × 8 unrolled; E = 128: 8 lanes (run-time loops) beat
+/// 32 lanes by 2× and the unrolled 8 × 16 by 8% on SparseMixer; E = 256: 32 lanes × 8. A thread
+/// per token pays no shuffles at all and wins for E ≤ 8 once T fills the GPU.
+inline lanes_shape lanes_for(index_t rows, index_t cols) {
+  if (cols <= 8) return rows >= 32768 ? lanes_shape{1, 8} : lanes_shape{8, 4};
+  if (cols <= 32) return {8, 4};
+  if (cols <= 64) return {4, 0};
+  if (cols <= 128) return {8, 0};
+  if (cols <= 256) return {32, 8};
+  return {32, 0};
 }
 
 /// Threads per block and dynamic shared memory of a kernel with `bytes_per_group` of shared
@@ -151,19 +166,28 @@ inline unsigned grid_for(index_t rows, int threads, int width) {
   return static_cast<unsigned>(blocks < (index_t(1) << 20) ? blocks : (index_t(1) << 20));
 }
 
+/// Calls launch(width, per_lane) with the shape as compile-time constants (one of lanes_for's).
 template <class Launch>
-void dispatch_width(int width, Launch launch) {
-  switch (width) {
-    case 1:
-      launch(std::integral_constant<int, 1>{});
-      break;
-    case 8:
-      launch(std::integral_constant<int, 8>{});
-      break;
-    default:
-      launch(std::integral_constant<int, 32>{});
-      break;
-  }
+void dispatch_shape(lanes_shape shape, Launch launch) {
+  using std::integral_constant;
+  if (shape.width == 1)
+    launch(integral_constant<int, 1>{}, integral_constant<int, 8>{});
+  else if (shape.width == 4)
+    launch(integral_constant<int, 4>{}, integral_constant<int, 0>{});
+  else if (shape.width == 8 && shape.per_lane == 4)
+    launch(integral_constant<int, 8>{}, integral_constant<int, 4>{});
+  else if (shape.width == 8)
+    launch(integral_constant<int, 8>{}, integral_constant<int, 0>{});
+  else if (shape.per_lane == 8)
+    launch(integral_constant<int, 32>{}, integral_constant<int, 8>{});
+  else
+    launch(integral_constant<int, 32>{}, integral_constant<int, 0>{});
+}
+
+/// Bytes of shared memory per token group (group_stride elements).
+template <class M>
+std::size_t group_bytes(index_t cols, int rows_per_group, int width) {
+  return static_cast<std::size_t>(group_stride<M>(cols, rows_per_group, width)) * sizeof(M);
 }
 
 }  // namespace detail
@@ -202,18 +226,18 @@ status run_forward(const routing_options& opt, device_view<TL, 2> logits,
 
   // Launch shapes (this can still reject a too-large E) before anything is written.
   using M = math_t<T>;
-  const int width = detail::lanes_for(rows, cols);
-  const std::size_t group_bytes = static_cast<std::size_t>(cols) * sizeof(M) *
-                                  static_cast<std::size_t>(detail::shared_rows<Est, M>(false));
+  const detail::lanes_shape lanes = detail::lanes_for(rows, cols);
+  const std::size_t group_bytes =
+      detail::group_bytes<M>(cols, detail::shared_rows<Est, M>(false), lanes.width);
   detail::launch_shape fwd_shape{}, loss_shape{};
   status shape_status = status::ok();
-  detail::dispatch_width(width, [&](auto w) {
-    constexpr int W = decltype(w)::value;
+  detail::dispatch_shape(lanes, [&](auto w, auto p) {
+    constexpr int W = decltype(w)::value, P = decltype(p)::value;
     shape_status =
-        detail::shape_for(detail::forward_kernel<Est, W, T, G>, W, group_bytes, fwd_shape);
+        detail::shape_for(detail::forward_kernel<Est, W, P, T, G>, W, group_bytes, fwd_shape);
     if (shape_status.is_ok() && need > 0)
       shape_status =
-          detail::shape_for(detail::loss_partials_kernel<Est, W, T>, W, group_bytes, loss_shape);
+          detail::shape_for(detail::loss_partials_kernel<Est, W, P, T>, W, group_bytes, loss_shape);
   });
   ROUTEGRAD_RETURN_IF_ERROR(shape_status);
 
@@ -265,13 +289,13 @@ status run_forward(const routing_options& opt, device_view<TL, 2> logits,
                                      state.rng,
                                      reinterpret_cast<unsigned long long*>(counts),
                                      reinterpret_cast<unsigned long long*>(stats.nonfinite_rows)};
-  detail::dispatch_width(width, [&](auto w) {
-    constexpr int W = decltype(w)::value;
-    detail::forward_kernel<Est, W>
+  detail::dispatch_shape(lanes, [&](auto w, auto p) {
+    constexpr int W = decltype(w)::value, P = decltype(p)::value;
+    detail::forward_kernel<Est, W, P>
         <<<detail::grid_for(rows, fwd_shape.threads, W), fwd_shape.threads, fwd_shape.shared, s>>>(
             a);
     if (need > 0)
-      detail::loss_partials_kernel<Est, W>
+      detail::loss_partials_kernel<Est, W, P>
           <<<static_cast<unsigned>(blocks), loss_shape.threads, loss_shape.shared, s>>>(
               logits.data_handle(), rows, cols, logits.stride(0), logits.stride(1), opt, state.rng,
               static_cast<double*>(workspace));
@@ -315,15 +339,15 @@ status run_backward(const routing_options& opt, device_view<TL, 2> logits,
   if (rows == 0) return status::ok();
 
   // Shared memory per token group: the staged row (+ jitter) and the gradient row.
-  const int width = detail::lanes_for(rows, cols);
-  const std::size_t group_bytes = static_cast<std::size_t>(cols) * sizeof(M) *
-                                  static_cast<std::size_t>(detail::shared_rows<Est, M>(true));
+  const detail::lanes_shape lanes = detail::lanes_for(rows, cols);
+  const std::size_t group_bytes =
+      detail::group_bytes<M>(cols, detail::shared_rows<Est, M>(true), lanes.width);
   detail::launch_shape shape{};
   status shape_status = status::ok();
-  detail::dispatch_width(width, [&](auto w) {
-    constexpr int W = decltype(w)::value;
+  detail::dispatch_shape(lanes, [&](auto w, auto p) {
+    constexpr int W = decltype(w)::value, P = decltype(p)::value;
     shape_status = detail::shape_for(
-        detail::backward_kernel<Est, W, T, std::remove_const_t<GG>, GL>, W, group_bytes, shape);
+        detail::backward_kernel<Est, W, P, T, std::remove_const_t<GG>, GL>, W, group_bytes, shape);
   });
   ROUTEGRAD_RETURN_IF_ERROR(shape_status);
 
@@ -348,9 +372,9 @@ status run_backward(const routing_options& opt, device_view<TL, 2> logits,
                                                                 opt,
                                                                 state.rng,
                                                                 stats.expert_counts};
-  detail::dispatch_width(width, [&](auto w) {
-    constexpr int W = decltype(w)::value;
-    detail::backward_kernel<Est, W, T, std::remove_const_t<GG>, GL>
+  detail::dispatch_shape(lanes, [&](auto w, auto p) {
+    constexpr int W = decltype(w)::value, P = decltype(p)::value;
+    detail::backward_kernel<Est, W, P, T, std::remove_const_t<GG>, GL>
         <<<detail::grid_for(rows, shape.threads, W), shape.threads, shape.shared, exec.stream>>>(a);
   });
   ROUTEGRAD_CUDA_TRY(cudaGetLastError(), "backward kernel launch");

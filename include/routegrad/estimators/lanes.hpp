@@ -1,10 +1,10 @@
 // The "lanes" policy: how many lanes share one token row and how they combine partial results.
 //
 // The per-token rules (estimators/token_forward.hpp, token_backward.hpp) are written once against
-// this interface. Lane `l` of `L` visits the elements l, l + L, l + 2L, ... of a row; reductions
-// combine the lanes' partial results and return the same value on every lane. The CPU back end
-// uses serial_lanes (one lane, every operation is the identity); the CUDA back end supplies a
-// warp policy with the same members.
+// this interface. Lane `l` of `L` visits the elements l, l + L, l + 2L, ... of a row (each(n, f));
+// reductions combine the lanes' partial results and return the same value on every lane. The CPU
+// back end uses serial_lanes (one lane, every operation is the identity); the CUDA back end
+// supplies a warp policy with the same members.
 #pragma once
 
 #include "../core/config.hpp"
@@ -23,16 +23,26 @@ struct row_extreme {
 template <class M>
 ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE row_extreme<M> better_extreme(row_extreme<M> a,
                                                                  row_extreme<M> b) {
-  if (a.index < 0) return b;
-  if (b.index < 0) return a;
-  if (b.value > a.value || (b.value == a.value && b.index < a.index)) return b;
-  return a;
+  // Branch-free (it runs once per element): b wins when a is "none", or b is a real entry that
+  // is larger, or equal with a lower index.
+  const bool b_wins =
+      a.index < 0 ||
+      (b.index >= 0 && (b.value > a.value || (b.value == a.value && b.index < a.index)));
+  return {b_wins ? b.value : a.value, b_wins ? b.index : a.index};
 }
 
 /// One lane per row: the CPU back end.
 struct serial_lanes {
   ROUTEGRAD_HD static constexpr int count() { return 1; }
   ROUTEGRAD_HD static constexpr int lane() { return 0; }
+
+  /// Calls f(i) for each element i < n this lane owns.
+  template <class F>
+  ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE void each(int n, F&& f) const {
+    for (int i = 0; i < n; ++i) f(i);
+  }
+  /// How many steps of count() elements cover a row of n (an upper bound is allowed).
+  ROUTEGRAD_HD static constexpr int steps(int n) { return n; }
 
   template <class M>
   ROUTEGRAD_HD M sum(M x) const {
@@ -56,6 +66,8 @@ struct serial_lanes {
   }
   /// The lowest lane whose `pred` is true, or -1.
   ROUTEGRAD_HD int first_lane(bool pred) const { return pred ? 0 : -1; }
+  /// Bitwise or across lanes.
+  ROUTEGRAD_HD unsigned bit_or(unsigned x) const { return x; }
 };
 
 }  // namespace routegrad

@@ -20,6 +20,33 @@ ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE bool jitter_masked(M z, M m, M two_eps) {
   return (m - z) / den > two_eps;
 }
 
+/// jitter_masked for one slot max m (z ≤ m), decided for almost every z by one comparison.
+/// For 0 < 2ε < ½ the mask removes exactly the z below a threshold τ (m·(1 − 2ε) when m > 0,
+/// m / (1 − 2ε) when m ≤ 0; z < −m is always removed when m > 0), up to the rounding of the
+/// quotient. z below τ − δ is removed and z above τ + δ kept, with δ = 2^-16·max(|m|, |τ|): there
+/// the quotient differs from 2ε by more than 2^-18, far beyond its few ulps of rounding error, so
+/// the answer is jitter_masked's. Only z within δ of τ (and every z for other ε) take the division.
+template <class M>
+struct jitter_mask_test {
+  M m, two_eps;
+  M masked_below = -math::infinity<M>();
+  M kept_above = math::infinity<M>();
+
+  ROUTEGRAD_HD jitter_mask_test(M slot_max, M eps2) : m(slot_max), two_eps(eps2) {
+    if (two_eps > M(0) && two_eps < M(0.5)) {
+      const M tau = m > M(0) ? m * (M(1) - two_eps) : m / (M(1) - two_eps);
+      const M delta = M(0x1p-16) * math::max(math::abs(m), math::abs(tau));
+      masked_below = tau - delta;
+      kept_above = tau + delta;
+    }
+  }
+  ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE bool operator()(M z) const {
+    if (z < masked_below) return z > -math::infinity<M>();  // as jitter_masked: −inf is kept
+    if (z > kept_above) return false;
+    return jitter_masked(z, m, two_eps);
+  }
+};
+
 /// Whether the row can be routed, and its largest logit. A row with a NaN or +inf logit, or with
 /// no finite logit, cannot (SPEC §7: it is routed to the lowest experts with gate 0).
 template <class M>
@@ -33,12 +60,12 @@ ROUTEGRAD_HD row_summary<M> summarize_row(const Lanes& lanes, const Row& row) {
   const M inf = math::infinity<M>();
   bool bad = false;
   row_extreme<M> top{-inf, -1};
-  for (int i = lanes.lane(); i < row.size(); i += lanes.count()) {
+  lanes.each(row.size(), [&](int i) {
     const M c = row.clean(i);
     const M z = row.logit(i);  // Switch's jitter can overflow a huge finite logit to +inf
     if (math::is_nan(c) || c == inf || math::is_nan(z) || z == inf) bad = true;
     if (z > -inf) top = better_extreme(top, row_extreme<M>{z, i});
-  }
+  });
   bad = lanes.any(bad);
   top = lanes.argmax(top);
   return {!bad && top.index >= 0, top};
@@ -49,10 +76,10 @@ template <class M, class Lanes, class Row, class Include>
 ROUTEGRAD_HD row_extreme<M> max_where(const Lanes& lanes, const Row& row, Include include) {
   const M inf = math::infinity<M>();
   row_extreme<M> top{-inf, -1};
-  for (int i = lanes.lane(); i < row.size(); i += lanes.count()) {
+  lanes.each(row.size(), [&](int i) {
     const M z = row.logit(i);
     if (z > -inf && include(i)) top = better_extreme(top, row_extreme<M>{z, i});
-  }
+  });
   return lanes.argmax(top);
 }
 
@@ -60,9 +87,9 @@ ROUTEGRAD_HD row_extreme<M> max_where(const Lanes& lanes, const Row& row, Includ
 template <class M, class Lanes, class Row, class Include>
 ROUTEGRAD_HD M sum_exp_where(const Lanes& lanes, const Row& row, M m, Include include) {
   M s = M(0);
-  for (int i = lanes.lane(); i < row.size(); i += lanes.count()) {
+  lanes.each(row.size(), [&](int i) {
     if (include(i)) s += math::exp(row.logit(i) - m);
-  }
+  });
   return lanes.sum(s);
 }
 
@@ -70,9 +97,7 @@ ROUTEGRAD_HD M sum_exp_where(const Lanes& lanes, const Row& row, M m, Include in
 template <class M, class Lanes, class Row>
 ROUTEGRAD_HD M sum_exp_clean(const Lanes& lanes, const Row& row, M m) {
   M s = M(0);
-  for (int i = lanes.lane(); i < row.size(); i += lanes.count()) {
-    s += math::exp(row.clean(i) - m);
-  }
+  lanes.each(row.size(), [&](int i) { s += math::exp(row.clean(i) - m); });
   return lanes.sum(s);
 }
 
@@ -84,11 +109,11 @@ template <class M, class Lanes, class Row, class Include>
 ROUTEGRAD_HD M candidate_weights(const Lanes& lanes, const Row& row, M m, Include include,
                                  M* weights) {
   M s = M(0);
-  for (int i = lanes.lane(); i < row.size(); i += lanes.count()) {
+  lanes.each(row.size(), [&](int i) {
     const M w = include(i) ? math::exp(row.logit(i) - m) : M(0);
     weights[i] = w;
     s += w;
-  }
+  });
   return lanes.sum(s);
 }
 
@@ -100,7 +125,10 @@ ROUTEGRAD_HD int inverse_cdf(const Lanes& lanes, const M* weights, int n, M targ
   const int L = lanes.count();
   M carry = M(0);
   int last_positive = -1;
-  for (int base = 0; base < n; base += L) {
+  // One step covers elements step·L .. step·L + L − 1; a step without a positive weight adds
+  // nothing (most experts are masked out), so only the steps in `live` are scanned.
+  const auto scan_step = [&](int step) {
+    const int base = step * L;
     const int i = base + lanes.lane();
     const M p = i < n ? weights[i] : M(0);
     const M running = carry + lanes.inclusive_scan(p);
@@ -108,6 +136,22 @@ ROUTEGRAD_HD int inverse_cdf(const Lanes& lanes, const M* weights, int n, M targ
     if (hit >= 0) return base + hit;
     if (p > M(0)) last_positive = i;
     carry = lanes.from_last_lane(running);
+    return -1;
+  };
+  if (lanes.steps(n) <= 32) {
+    unsigned live = 0;
+    lanes.each(n, [&](int i) {
+      if (weights[i] > M(0)) live |= 1u << (static_cast<unsigned>(i) / static_cast<unsigned>(L));
+    });
+    for (live = lanes.bit_or(live); live != 0; live &= live - 1) {
+      const int hit = scan_step(math::lowest_bit(live));
+      if (hit >= 0) return hit;
+    }
+  } else {
+    for (int step = 0; step * L < n; ++step) {
+      const int hit = scan_step(step);
+      if (hit >= 0) return hit;
+    }
   }
   return lanes.max_index(last_positive);
 }

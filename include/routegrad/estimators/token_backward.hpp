@@ -27,8 +27,9 @@ ROUTEGRAD_HD slot_softmax<M> clean_softmax(const Lanes& lanes, const Row& row, M
   if constexpr (Est::noisy) {
     const M inf = math::infinity<M>();
     row_extreme<M> top{-inf, -1};
-    for (int i = lanes.lane(); i < row.size(); i += lanes.count())
+    lanes.each(row.size(), [&](int i) {
       if (row.clean(i) > -inf) top = better_extreme(top, row_extreme<M>{row.clean(i), i});
+    });
     m = lanes.argmax(top).value;
   }
   return {m, sum_exp_clean(lanes, row, m)};
@@ -102,26 +103,25 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
     const M coef = weight * g * v.pi_chosen;
     const int d = static_cast<int>(slots.expert(j));
     const M coef_over_norm = coef / v.sm.norm;  // J_D(i) = π_D (δ_iD − w_i / norm)
-    for (int i = lanes.lane(); i < row.size(); i += lanes.count())
-      grad.add(i, (i == d ? coef : M(0)) - coef_over_norm * weights[i]);
+    lanes.each(row.size(),
+               [&](int i) { grad.add(i, (i == d ? coef : M(0)) - coef_over_norm * weights[i]); });
   }
-  if constexpr (Est::noisy)
-    for (int i = lanes.lane(); i < row.size(); i += lanes.count()) grad.scale(i, row.chain(i));
+  if constexpr (Est::noisy) lanes.each(row.size(), [&](int i) { grad.scale(i, row.chain(i)); });
 
   if (aux.load_balance_scale != M(0) || aux.z_loss_scale != M(0)) {
     const slot_softmax<M> c = clean_softmax<Est, M>(lanes, row, summary.top.value);
     M fp = M(0);
     if (aux.load_balance_scale != M(0)) {
-      for (int i = lanes.lane(); i < row.size(); i += lanes.count())
-        fp += aux.fraction(i) * math::exp(row.clean(i) - c.max);
+      lanes.each(row.size(),
+                 [&](int i) { fp += aux.fraction(i) * math::exp(row.clean(i) - c.max); });
       fp = lanes.sum(fp) / c.norm;
     }
     const M lse = c.max + math::log(c.norm);
-    for (int i = lanes.lane(); i < row.size(); i += lanes.count()) {
+    lanes.each(row.size(), [&](int i) {
       const M pi = math::exp(row.clean(i) - c.max) / c.norm;
       grad.add(i,
                aux.load_balance_scale * pi * (aux.fraction(i) - fp) + aux.z_loss_scale * lse * pi);
-    }
+    });
   }
   return true;
 }

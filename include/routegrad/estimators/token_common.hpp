@@ -48,13 +48,15 @@ struct slot_candidates {
   const Row& row;
   const Slots& slots;
   int slot;
-  M slot_max;
-  M two_eps;
+  jitter_mask_test<M> masked;
+
+  ROUTEGRAD_HD slot_candidates(const Row& r, const Slots& s, int j, M slot_max, M two_eps)
+      : row(r), slots(s), slot(j), masked(slot_max, two_eps) {}
 
   ROUTEGRAD_HD bool operator()(int i) const {
     if constexpr (Est::per_slot_softmax) {
       if (taken_before(slots, slot, i)) return false;
-      if constexpr (Est::jitter_mask) return !jitter_masked(row.logit(i), slot_max, two_eps);
+      if constexpr (Est::jitter_mask) return !masked(row.logit(i));
     }
     return true;
   }

@@ -1,0 +1,100 @@
+// The jitter mask's one-comparison form (jitter_mask_test, estimators/row_math.hpp) against the
+// mask's definition (jitter_masked: the rounded quotient against 2ε), on random rows, on logits
+// placed within a few ulps of the threshold on both sides, and on the edge cases (m = 0, m < 0,
+// tiny and huge logits, −inf, ε at and beyond the range the fast form covers).
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "common/test_util.hpp"
+
+namespace {
+
+using namespace routegrad;
+
+/// Values of z ≤ m to try for this slot max: random, near the threshold, and special.
+template <class M>
+std::vector<M> probes(M m, M two_eps, std::mt19937_64& gen) {
+  std::vector<M> z;
+  const M tau = m > M(0) ? m * (M(1) - two_eps) : m / (M(1) - two_eps);
+  for (M centre : {tau, -m, m, M(0)}) {
+    M x = centre;
+    for (int s = 0; s < 40; ++s) x = std::nextafter(x, -std::numeric_limits<M>::infinity());
+    for (int s = 0; s < 80; ++s) {
+      z.push_back(x);
+      x = std::nextafter(x, std::numeric_limits<M>::infinity());
+    }
+    for (M rel : {M(1e-7), M(1e-6), M(1e-5), M(3e-5), M(1e-4), M(1e-3)}) {
+      z.push_back(centre * (M(1) + rel));
+      z.push_back(centre * (M(1) - rel));
+      z.push_back(centre + rel);
+      z.push_back(centre - rel);
+    }
+  }
+  std::uniform_real_distribution<double> u(-4.0, 1.0);
+  const double scale = std::abs(static_cast<double>(m)) + 1e-3;
+  for (int s = 0; s < 200; ++s) z.push_back(static_cast<M>(m - std::abs(u(gen)) * scale));
+  z.push_back(-std::numeric_limits<M>::infinity());
+  z.push_back(-std::numeric_limits<M>::max());
+  z.push_back(std::numeric_limits<M>::denorm_min());
+  z.push_back(-std::numeric_limits<M>::denorm_min());
+  std::vector<M> kept;
+  for (M x : z)
+    if (!(x > m)) kept.push_back(x);  // the mask is only asked about z ≤ m
+  kept.push_back(m);
+  return kept;
+}
+
+template <class M>
+void check_equivalence() {
+  std::mt19937_64 gen(42);
+  std::normal_distribution<double> normal(0.0, 3.0);
+  std::vector<M> maxima = {M(0),
+                           M(-0.0),
+                           M(1),
+                           M(-1),
+                           M(1e-30),
+                           M(-1e-30),
+                           M(1e30),
+                           M(-1e30),
+                           M(0.125),
+                           M(-7.5),
+                           M(3.3),
+                           M(-0.01),
+                           std::numeric_limits<M>::denorm_min(),
+                           M(65504),
+                           M(-65504)};
+  for (int s = 0; s < 60; ++s) maxima.push_back(static_cast<M>(normal(gen)));
+  const M eps2_values[] = {M(0),    M(0.02), M(0.1),  M(0.2), M(0.25), M(0.3),
+                           M(0.49), M(0.5),  M(0.75), M(1.0), M(2.5),  M(1e-6)};
+  std::int64_t checked = 0, near = 0;
+  for (M m : maxima)
+    for (M two_eps : eps2_values) {
+      const jitter_mask_test<M> fast(m, two_eps);
+      for (M z : probes(m, two_eps, gen)) {
+        const bool expected = jitter_masked(z, m, two_eps);
+        const bool got = fast(z);
+        if (got != expected)
+          FAIL_CHECK("m = " << m << ", 2eps = " << two_eps << ", z = " << z << ": expected "
+                            << expected << ", got " << got);
+        near += !(z < fast.masked_below) && !(z > fast.kept_above);
+        ++checked;
+      }
+    }
+  CHECK(checked > 100000);
+  CHECK(near > 0);  // some probes fall in the band around the threshold: both paths are checked
+}
+
+}  // namespace
+
+TEST_CASE("jitter mask: the one-comparison form equals the quotient test (float)") {
+  check_equivalence<float>();
+}
+
+TEST_CASE("jitter mask: the one-comparison form equals the quotient test (double)") {
+  check_equivalence<double>();
+}
