@@ -704,8 +704,7 @@ status run_moe_forward(const moe_options& opt, const host_moe_params<T>& params,
     std::vector<M> row_scratch(static_cast<std::size_t>(2 * E));
     const M inf = math::infinity<M>();
     for (index_t t = 0; t < n; ++t) {
-      const staged_row<M> row =
-          detail::stage_row<Est>(opt.routing, rng, rv.logits, t, row_scratch.data());
+      const auto row = detail::stage_row<Est>(opt.routing, rng, rv.logits, t, row_scratch.data());
       bool ok = summarize_row<M>(serial_lanes{}, row).routable;
       if (dense) {  // dense mixing uses the clean logits: no NaN / +inf, some finite entry
         bool bad = false, any = false;

@@ -110,8 +110,8 @@ void for_each_block(index_t rows, const execution& exec, index_t scratch_size, B
 /// training, its jitter into `scratch + n`: each row is read from the caller's memory once, and
 /// the jitter costs one Philox block per four experts.
 template <class Est, class M, class T>
-staged_row<M> stage_row(const routing_options& opt, const rng_stream& rng,
-                        const host_view<T, 2>& logits, index_t t, M* scratch) {
+staged_row<M, Est::noisy> stage_row(const routing_options& opt, const rng_stream& rng,
+                                    const host_view<T, 2>& logits, index_t t, M* scratch) {
   const index_t n = logits.extent(1), s = logits.stride(1);
   const T* src = logits.data_handle() + t * logits.stride(0);
   for (index_t e = 0; e < n; ++e) scratch[e] = static_cast<M>(src[e * s]);
@@ -162,7 +162,7 @@ status run_forward(const routing_options& opt, host_view<TL, 2> logits,
     std::int64_t bad = 0;
     double lse2 = 0.0;
     for (index_t t = t0; t < t1; ++t) {
-      const staged_row<M> row = detail::stage_row<Est>(opt, state.rng, logits, t, scratch);
+      const auto row = detail::stage_row<Est>(opt, state.rng, logits, t, scratch);
       detail::forward_slots<G, M> slots{state.experts.data_handle() + t * state.experts.stride(0),
                                         state.experts.stride(1),
                                         state.coins.data_handle()
@@ -260,7 +260,7 @@ status run_backward(const routing_options& opt, host_view<TL, 2> logits,
   detail::for_each_block<M>(rows, exec, 4 * n, [&](index_t t0, index_t t1, index_t, M* scratch) {
     M* grad = scratch + 2 * n;
     for (index_t t = t0; t < t1; ++t) {
-      const staged_row<M> row = detail::stage_row<Est>(opt, state.rng, logits, t, scratch);
+      const auto row = detail::stage_row<Est>(opt, state.rng, logits, t, scratch);
       const detail::backward_slots<std::remove_const_t<GG>> slots{
           state.experts.data_handle() + t * state.experts.stride(0),
           state.experts.stride(1),

@@ -13,16 +13,16 @@ namespace routegrad::cuda::detail {
 /// Stages row t of the logits (and Switch's jitter when `noise_eps` != 0) into the group's
 /// shared memory: one coalesced read of the row, then every pass of the per-token rules reads
 /// shared memory. Ends with a __syncwarp so every lane of the group sees every element.
-template <class Lanes, class T, class M>
-__device__ staged_row<M> stage_row(const Lanes& lanes, const T* src, index_t stride, int n,
-                                   const rng_stream& rng, index_t t, M noise_eps, M* values,
-                                   M* noise) {
+template <bool Noisy, class Lanes, class T, class M>
+__device__ staged_row<M, Noisy> stage_row(const Lanes& lanes, const T* src, index_t stride, int n,
+                                          const rng_stream& rng, index_t t, M noise_eps, M* values,
+                                          M* noise) {
   __syncwarp(lanes.mask);  // every lane is done with the previous row
   if (stride == 1)
     lanes.each(n, [&](int i) { values[i] = to_math<M>(src[i]); });
   else
     lanes.each(n, [&](int i) { values[i] = to_math<M>(src[i * stride]); });
-  if (noise_eps != M(0)) {
+  if (Noisy && noise_eps != M(0)) {
     for (int g = lanes.lane(); 4 * g < n; g += lanes.count()) {
       const philox4x32 b = switch_noise_block(rng, t, g);
       for (int w = 0; w < 4 && 4 * g + w < n; ++w)
@@ -30,7 +30,7 @@ __device__ staged_row<M> stage_row(const Lanes& lanes, const T* src, index_t str
     }
   }
   __syncwarp(lanes.mask);
-  return {values, n, noise_eps != M(0) ? noise : nullptr};
+  return {values, n, Noisy && noise_eps != M(0) ? noise : nullptr};
 }
 
 /// Forward slots: every lane keeps the first KMax choices in registers (they are read back by the

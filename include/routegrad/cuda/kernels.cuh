@@ -90,8 +90,8 @@ __global__ void __launch_bounds__(256, min_resident_blocks)
   M* values = group_shared<M, Width>(shared_bytes, n, shared_rows<Est, M>(false));
   const M noise_eps = noise_eps_of<Est, M>(a.opt);
   for (index_t t = blockIdx.x * groups + threadIdx.x / Width; t < a.rows; t += stride) {
-    const staged_row<M> row = stage_row(lanes, a.logits + t * a.logit_stride0, a.logit_stride1, n,
-                                        a.rng, t, noise_eps, values, values + n);
+    const auto row = stage_row<Est::noisy>(lanes, a.logits + t * a.logit_stride0, a.logit_stride1,
+                                           n, a.rng, t, noise_eps, values, values + n);
     device_forward_slots<G, M, register_slots> slots{
         a.experts + t * a.expert_stride0,
         a.expert_stride1,
@@ -154,8 +154,8 @@ __global__ void __launch_bounds__(256, min_resident_blocks)
       {a.opt.load_balance_coef != 0.0 ? a.counts : nullptr,
        M(1) / (static_cast<M>(a.rows) * static_cast<M>(a.opt.k))}};
   for (index_t t = blockIdx.x * groups + threadIdx.x / Width; t < a.rows; t += stride) {
-    const staged_row<M> row = stage_row(lanes, a.logits + t * a.logit_stride0, a.logit_stride1, n,
-                                        a.rng, t, noise_eps, values, values + n);
+    const auto row = stage_row<Est::noisy>(lanes, a.logits + t * a.logit_stride0, a.logit_stride1,
+                                           n, a.rng, t, noise_eps, values, values + n);
     const device_backward_slots<GG, M, register_slots> slots(
         a.experts + t * a.expert_stride0, a.expert_stride1,
         a.coins ? a.coins + t * a.coin_stride0 : nullptr, a.coin_stride1,
@@ -201,8 +201,8 @@ __global__ void __launch_bounds__(256)
   M* values = group_shared<M, Width>(shared_bytes, n, shared_rows<Est, M>(false));
   const M noise_eps = noise_eps_of<Est, M>(opt);
   for (index_t r = threadIdx.x / Width; r < count; r += groups) {
-    const staged_row<M> row = stage_row(lanes, logits + (first + r) * s0, s1, n, rng, first + r,
-                                        noise_eps, values, values + n);
+    const auto row = stage_row<Est::noisy>(lanes, logits + (first + r) * s0, s1, n, rng, first + r,
+                                           noise_eps, values, values + n);
     const row_summary<M> summary = summarize_row<M>(lanes, row);
     slot_softmax<M> c{M(0), M(1)};
     if (summary.routable) c = clean_softmax<Est, M>(lanes, row, summary.top.value);

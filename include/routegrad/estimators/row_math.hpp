@@ -41,8 +41,8 @@ struct jitter_mask_test {
     }
   }
   ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE bool operator()(M z) const {
-    if (z < masked_below) return z > -math::infinity<M>();  // as jitter_masked: −inf is kept
-    if (z > kept_above) return false;
+    const bool below = z<masked_below, above = z> kept_above;
+    if (below | above) return below & (z > -math::infinity<M>());  // as jitter_masked: −inf kept
     return jitter_masked(z, m, two_eps);
   }
 };
@@ -60,11 +60,11 @@ ROUTEGRAD_HD row_summary<M> summarize_row(const Lanes& lanes, const Row& row) {
   const M inf = math::infinity<M>();
   bool bad = false;
   row_extreme<M> top{-inf, -1};
-  lanes.each(row.size(), [&](int i) {
+  lanes.each(row.size(), [&](int i) {  // branch-free: it runs once per element
     const M c = row.clean(i);
     const M z = row.logit(i);  // Switch's jitter can overflow a huge finite logit to +inf
-    if (math::is_nan(c) || c == inf || math::is_nan(z) || z == inf) bad = true;
-    if (z > -inf) top = better_extreme(top, row_extreme<M>{z, i});
+    bad |= math::is_nan(c) | (c == inf) | math::is_nan(z) | (z == inf);
+    top = better_extreme(top, row_extreme<M>{z, z > -inf ? i : -1});  // −inf and NaN: "none"
   });
   bad = lanes.any(bad);
   top = lanes.argmax(top);
@@ -104,24 +104,32 @@ ROUTEGRAD_HD M sum_exp_clean(const Lanes& lanes, const Row& row, M m) {
 /// Writes w_i = exp(logit(i) − m) for the entries with include(i), 0 for the others, into the
 /// lane-owned elements of `weights` (lane l writes i ≡ l mod L), and returns Σ w. The passes that
 /// follow (the inverse-CDF draw, the softmax Jacobian) read these instead of testing the mask and
-/// calling exp again.
+/// calling exp again. With `live`, also sets bit s of *live when this lane's element of step s
+/// (elements s·L .. s·L + L − 1) has a positive weight, for inverse_cdf (rows of ≤ 32 steps).
 template <class M, class Lanes, class Row, class Include>
 ROUTEGRAD_HD M candidate_weights(const Lanes& lanes, const Row& row, M m, Include include,
-                                 M* weights) {
+                                 M* weights, unsigned* live = nullptr) {
   M s = M(0);
+  unsigned bits = 0;
+  const bool track = live != nullptr && lanes.steps(row.size()) <= 32;
+  const unsigned L = static_cast<unsigned>(lanes.count());
   lanes.each(row.size(), [&](int i) {
     const M w = include(i) ? math::exp(row.logit(i) - m) : M(0);
     weights[i] = w;
     s += w;
+    if (track && w > M(0)) bits |= 1u << (static_cast<unsigned>(i) / L);
   });
+  if (live) *live = bits;
   return lanes.sum(s);
 }
 
 /// Inverse-CDF draw over candidate_weights: the first i (in index order) whose running sum of
 /// weights exceeds `target` (= u · Σ w, u in (0,1)). If rounding leaves the target unreached, the
-/// last entry with positive weight is taken. Needs one uniform, not one per expert.
+/// last entry with positive weight is taken. Needs one uniform, not one per expert. `live`: this
+/// lane's bits from candidate_weights, or null to find them here.
 template <class M, class Lanes>
-ROUTEGRAD_HD int inverse_cdf(const Lanes& lanes, const M* weights, int n, M target) {
+ROUTEGRAD_HD int inverse_cdf(const Lanes& lanes, const M* weights, int n, M target,
+                             const unsigned* live_bits = nullptr) {
   const int L = lanes.count();
   M carry = M(0);
   int last_positive = -1;
@@ -140,9 +148,12 @@ ROUTEGRAD_HD int inverse_cdf(const Lanes& lanes, const M* weights, int n, M targ
   };
   if (lanes.steps(n) <= 32) {
     unsigned live = 0;
-    lanes.each(n, [&](int i) {
-      if (weights[i] > M(0)) live |= 1u << (static_cast<unsigned>(i) / static_cast<unsigned>(L));
-    });
+    if (live_bits)
+      live = *live_bits;
+    else
+      lanes.each(n, [&](int i) {
+        if (weights[i] > M(0)) live |= 1u << (static_cast<unsigned>(i) / static_cast<unsigned>(L));
+      });
     for (live = lanes.bit_or(live); live != 0; live &= live - 1) {
       const int hit = scan_step(math::lowest_bit(live));
       if (hit >= 0) return hit;

@@ -47,8 +47,9 @@ ROUTEGRAD_HD token_outcome token_forward(const Lanes& lanes, const Row& row, Slo
     }
     const slot_candidates<Est, M, Row, Slots> candidate{row, slots, j, top.value, two_eps};
     slot_softmax<M> sm = shared;
+    unsigned live = 0;  // lane steps holding a candidate (for the inverse-CDF draw)
     if constexpr (Est::per_slot_softmax)
-      sm = {top.value, candidate_weights(lanes, row, top.value, candidate, weights)};
+      sm = {top.value, candidate_weights(lanes, row, top.value, candidate, weights, &live)};
 
     int chosen = top.index;
     int coin = 0;
@@ -57,7 +58,7 @@ ROUTEGRAD_HD token_outcome token_forward(const Lanes& lanes, const Row& row, Slo
         const philox4x32 b = rng.block(static_cast<std::uint64_t>(t), rng_purpose::slot,
                                        static_cast<std::uint32_t>(j));
         const M target = static_cast<M>(uniform_open01(b.v[0])) * sm.norm;
-        chosen = inverse_cdf(lanes, weights, row.size(), target);
+        chosen = inverse_cdf(lanes, weights, row.size(), target, &live);
         if (chosen != top.index)
           coin = draw_coin<typename Est::rule>(static_cast<M>(uniform_open01(b.v[1])));
       }
