@@ -41,7 +41,8 @@ struct jitter_mask_test {
     }
   }
   ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE bool operator()(M z) const {
-    const bool below = z<masked_below, above = z> kept_above;
+    const bool below = z < masked_below;
+    const bool above = z > kept_above;
     if (below | above) return below & (z > -math::infinity<M>());  // as jitter_masked: −inf kept
     return jitter_masked(z, m, two_eps);
   }
