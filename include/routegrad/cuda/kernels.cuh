@@ -20,7 +20,8 @@ inline constexpr int register_slots = 4;
 /// Blocks of 256 threads the routing kernels are compiled to keep resident per multiprocessor
 /// (caps them at 64 registers). They are bound by instruction issue and latency; on an H200 at
 /// T = 131072, E = 128 the 4-block cap ran the forward 1.4× and the backward 1.3× faster than
-/// the uncapped 126-register build despite a few spilled registers.
+/// the uncapped 126-register build despite a few spilled registers; 5 and 6 blocks (48 and 40
+/// registers) spilled more and ran 5–30% slower.
 inline constexpr int min_resident_blocks = 4;
 /// Tokens per block of the loss-sum kernel (the fixed reduction order).
 inline constexpr int stats_block_tokens = 256;
