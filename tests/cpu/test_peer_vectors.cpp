@@ -191,7 +191,8 @@ TEST_CASE("peer vectors: sparsemixer midpoint top-1 reproduces the published alg
       const auto candidate = [&](int i) {
         return !jitter_masked(row.logit(i), top.value, two_eps);
       };
-      const double norm = sum_exp_where<double>(lanes, row, top.value, candidate);
+      const double norm =
+          sum_exp_where<double>(lanes, row, top.value, [&](int i, double) { return candidate(i); });
       const int d = c.experts[ti];
       REQUIRE(d >= 0);
       REQUIRE(d < c.E);

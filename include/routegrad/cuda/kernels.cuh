@@ -78,12 +78,13 @@ __device__ token_params<M> params_of(const routing_options& opt) {
   return {opt.k, opt.mode == routing_mode::train, static_cast<M>(opt.jitter_eps), opt.renormalize};
 }
 
-template <class Est, int Width, int PerLane, class T, class G>
+template <class Est, class Lanes, class T, class G>
 __global__ void __launch_bounds__(256, min_resident_blocks)
     forward_kernel(const forward_args<T, G> a) {
   using M = math_t<T>;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  const warp_lanes<Width, PerLane> lanes = warp_lanes<Width, PerLane>::make();
+  constexpr int Width = Lanes::count();
+  const Lanes lanes = Lanes::make();
   const index_t groups = blockDim.x / Width;
   const index_t stride = static_cast<index_t>(gridDim.x) * groups;
   const token_params<M> params = params_of<M>(a.opt);
@@ -135,12 +136,13 @@ struct backward_args {
   const std::int64_t* counts;
 };
 
-template <class Est, int Width, int PerLane, class T, class GG, class GL>
+template <class Est, class Lanes, class T, class GG, class GL>
 __global__ void __launch_bounds__(256, min_resident_blocks)
     backward_kernel(const backward_args<T, GG, GL> a) {
   using M = math_t<T>;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  const warp_lanes<Width, PerLane> lanes = warp_lanes<Width, PerLane>::make();
+  constexpr int Width = Lanes::count();
+  const Lanes lanes = Lanes::make();
   const index_t groups = blockDim.x / Width;
   const index_t stride = static_cast<index_t>(gridDim.x) * groups;
   const int n = static_cast<int>(a.cols);
@@ -185,7 +187,7 @@ __global__ void __launch_bounds__(256, min_resident_blocks)
 /// Loss sums, phase 1: block b sums, over its fixed range of tokens in token order, the unmasked
 /// softmax column of every expert and logsumexp² (rows that cannot be routed are left out).
 /// partial[b * (E + 1) + e] = Σ_t p_{t,e}; partial[b * (E + 1) + E] = Σ_t lse_t².
-template <class Est, int Width, int PerLane, class T>
+template <class Est, class Lanes, class T>
 __global__ void __launch_bounds__(256)
     loss_partials_kernel(const T* logits, index_t rows, index_t cols, index_t s0, index_t s1,
                          routing_options opt, rng_stream rng, double* partial) {
@@ -194,7 +196,8 @@ __global__ void __launch_bounds__(256)
   __shared__ M row_max[stats_block_tokens];
   __shared__ M row_norm[stats_block_tokens];
   __shared__ bool row_ok[stats_block_tokens];
-  const warp_lanes<Width, PerLane> lanes = warp_lanes<Width, PerLane>::make();
+  constexpr int Width = Lanes::count();
+  const Lanes lanes = Lanes::make();
   const index_t first = static_cast<index_t>(blockIdx.x) * stats_block_tokens;
   const index_t count = rows - first < stats_block_tokens ? rows - first : stats_block_tokens;
   const index_t groups = blockDim.x / Width;

@@ -102,11 +102,12 @@ status check_logits_and_state(const device_view<TL, 2>& logits,
   return check_device_pointer(counts, "stats.expert_counts: not device memory");
 }
 
-/// How a launch spreads a token over lanes: `width` lanes per token, and rows of at most
-/// width · per_lane elements (per_lane 0: any E, run-time loops).
+/// How a launch spreads a token over lanes: `width` lanes per token, rows of at most
+/// width · per_lane elements (per_lane 0: any E), and whether the row loops unroll.
 struct lanes_shape {
   int width;
   int per_lane;
+  bool unroll;
 };
 
 /// The shape for a batch. Each reduction across a token's lanes costs a chain of shuffles that
@@ -115,14 +116,19 @@ struct lanes_shape {
 /// Measured on an H200 (bench/cuda_routing.cu's shapes, docs/performance.md): E = 64: 4 lanes
 /// with run-time loops beat 8 lanes × 8 unrolled; E = 128: 8 lanes (run-time loops) beat
 /// 32 lanes by 2× and the unrolled 8 × 16 by 8% on SparseMixer; E = 256: 32 lanes × 8. A thread
-/// per token pays no shuffles at all and wins for E ≤ 8 once T fills the GPU.
-inline lanes_shape lanes_for(index_t rows, index_t cols) {
-  if (cols <= 8) return rows >= 32768 ? lanes_shape{1, 8} : lanes_shape{8, 4};
-  if (cols <= 32) return {8, 4};
-  if (cols <= 64) return {4, 0};
-  if (cols <= 128) return {8, 0};
-  if (cols <= 256) return {32, 8};
-  return {32, 0};
+/// per token pays no shuffles at all and wins for E ≤ 8 once T fills the GPU. A bound on the
+/// elements per lane (even without unrolling) lets the per-slot bookkeeping use bit masks.
+/// For 16 elements per lane the forward unrolls and the backward does not: the backward keeps
+/// the gradient row too and spills when unrolled (H200, T = 131072, SparseMixer midpoint:
+/// E = 128 forward 73 µs unrolled vs 77, backward 76 vs 84; E = 64 forward 50 vs 52, backward
+/// 48 vs 63).
+inline lanes_shape lanes_for(index_t rows, index_t cols, bool backward = false) {
+  if (cols <= 8) return rows >= 32768 ? lanes_shape{1, 8, true} : lanes_shape{8, 4, true};
+  if (cols <= 32) return {8, 4, true};
+  if (cols <= 64) return {4, 16, !backward};
+  if (cols <= 128) return {8, 16, !backward};
+  if (cols <= 256) return {32, 8, true};
+  return {32, 0, false};
 }
 
 /// Threads per block and dynamic shared memory of a kernel with `bytes_per_group` of shared
@@ -166,22 +172,28 @@ inline unsigned grid_for(index_t rows, int threads, int width) {
   return static_cast<unsigned>(blocks < (index_t(1) << 20) ? blocks : (index_t(1) << 20));
 }
 
-/// Calls launch(width, per_lane) with the shape as compile-time constants (one of lanes_for's).
-template <class Launch>
+/// Calls launch(Lanes{}) with the warp_lanes type of the shape (one of lanes_for's; `Backward`:
+/// one of lanes_for(..., true)'s, so that backward kernels are not compiled for unused shapes).
+template <bool Backward = false, class Launch>
 void dispatch_shape(lanes_shape shape, Launch launch) {
-  using std::integral_constant;
-  if (shape.width == 1)
-    launch(integral_constant<int, 1>{}, integral_constant<int, 8>{});
-  else if (shape.width == 4)
-    launch(integral_constant<int, 4>{}, integral_constant<int, 0>{});
-  else if (shape.width == 8 && shape.per_lane == 4)
-    launch(integral_constant<int, 8>{}, integral_constant<int, 4>{});
-  else if (shape.width == 8)
-    launch(integral_constant<int, 8>{}, integral_constant<int, 0>{});
-  else if (shape.per_lane == 8)
-    launch(integral_constant<int, 32>{}, integral_constant<int, 8>{});
-  else
-    launch(integral_constant<int, 32>{}, integral_constant<int, 0>{});
+  const bool unrolled_16 = !Backward && shape.per_lane == 16 && shape.unroll;
+  if (shape.width == 1) {
+    launch(warp_lanes<1, 8>{});
+  } else if (shape.width == 4) {
+    if constexpr (!Backward)
+      if (unrolled_16) return launch(warp_lanes<4, 16, true>{});
+    launch(warp_lanes<4, 16, false>{});
+  } else if (shape.width == 8 && shape.per_lane == 4) {
+    launch(warp_lanes<8, 4>{});
+  } else if (shape.width == 8) {
+    if constexpr (!Backward)
+      if (unrolled_16) return launch(warp_lanes<8, 16, true>{});
+    launch(warp_lanes<8, 16, false>{});
+  } else if (shape.per_lane == 8) {
+    launch(warp_lanes<32, 8>{});
+  } else {
+    launch(warp_lanes<32>{});
+  }
 }
 
 /// Bytes of shared memory per token group (group_stride elements).
@@ -231,13 +243,14 @@ status run_forward(const routing_options& opt, device_view<TL, 2> logits,
       detail::group_bytes<M>(cols, detail::shared_rows<Est, M>(false), lanes.width);
   detail::launch_shape fwd_shape{}, loss_shape{};
   status shape_status = status::ok();
-  detail::dispatch_shape(lanes, [&](auto w, auto p) {
-    constexpr int W = decltype(w)::value, P = decltype(p)::value;
+  detail::dispatch_shape(lanes, [&](auto policy) {
+    using L = decltype(policy);
+    constexpr int W = L::width;
     shape_status =
-        detail::shape_for(detail::forward_kernel<Est, W, P, T, G>, W, group_bytes, fwd_shape);
+        detail::shape_for(detail::forward_kernel<Est, L, T, G>, W, group_bytes, fwd_shape);
     if (shape_status.is_ok() && need > 0)
       shape_status =
-          detail::shape_for(detail::loss_partials_kernel<Est, W, P, T>, W, group_bytes, loss_shape);
+          detail::shape_for(detail::loss_partials_kernel<Est, L, T>, W, group_bytes, loss_shape);
   });
   ROUTEGRAD_RETURN_IF_ERROR(shape_status);
 
@@ -289,13 +302,14 @@ status run_forward(const routing_options& opt, device_view<TL, 2> logits,
                                      state.rng,
                                      reinterpret_cast<unsigned long long*>(counts),
                                      reinterpret_cast<unsigned long long*>(stats.nonfinite_rows)};
-  detail::dispatch_shape(lanes, [&](auto w, auto p) {
-    constexpr int W = decltype(w)::value, P = decltype(p)::value;
-    detail::forward_kernel<Est, W, P>
+  detail::dispatch_shape(lanes, [&](auto policy) {
+    using L = decltype(policy);
+    constexpr int W = L::width;
+    detail::forward_kernel<Est, L>
         <<<detail::grid_for(rows, fwd_shape.threads, W), fwd_shape.threads, fwd_shape.shared, s>>>(
             a);
     if (need > 0)
-      detail::loss_partials_kernel<Est, W, P>
+      detail::loss_partials_kernel<Est, L>
           <<<static_cast<unsigned>(blocks), loss_shape.threads, loss_shape.shared, s>>>(
               logits.data_handle(), rows, cols, logits.stride(0), logits.stride(1), opt, state.rng,
               static_cast<double*>(workspace));
@@ -339,15 +353,16 @@ status run_backward(const routing_options& opt, device_view<TL, 2> logits,
   if (rows == 0) return status::ok();
 
   // Shared memory per token group: the staged row (+ jitter) and the gradient row.
-  const detail::lanes_shape lanes = detail::lanes_for(rows, cols);
+  const detail::lanes_shape lanes = detail::lanes_for(rows, cols, /*backward=*/true);
   const std::size_t group_bytes =
       detail::group_bytes<M>(cols, detail::shared_rows<Est, M>(true), lanes.width);
   detail::launch_shape shape{};
   status shape_status = status::ok();
-  detail::dispatch_shape(lanes, [&](auto w, auto p) {
-    constexpr int W = decltype(w)::value, P = decltype(p)::value;
-    shape_status = detail::shape_for(
-        detail::backward_kernel<Est, W, P, T, std::remove_const_t<GG>, GL>, W, group_bytes, shape);
+  detail::dispatch_shape</*Backward=*/true>(lanes, [&](auto policy) {
+    using L = decltype(policy);
+    shape_status =
+        detail::shape_for(detail::backward_kernel<Est, L, T, std::remove_const_t<GG>, GL>, L::width,
+                          group_bytes, shape);
   });
   ROUTEGRAD_RETURN_IF_ERROR(shape_status);
 
@@ -372,9 +387,10 @@ status run_backward(const routing_options& opt, device_view<TL, 2> logits,
                                                                 opt,
                                                                 state.rng,
                                                                 stats.expert_counts};
-  detail::dispatch_shape(lanes, [&](auto w, auto p) {
-    constexpr int W = decltype(w)::value, P = decltype(p)::value;
-    detail::backward_kernel<Est, W, P, T, std::remove_const_t<GG>, GL>
+  detail::dispatch_shape</*Backward=*/true>(lanes, [&](auto policy) {
+    using L = decltype(policy);
+    constexpr int W = L::width;
+    detail::backward_kernel<Est, L, T, std::remove_const_t<GG>, GL>
         <<<detail::grid_for(rows, shape.threads, W), shape.threads, shape.shared, exec.stream>>>(a);
   });
   ROUTEGRAD_CUDA_TRY(cudaGetLastError(), "backward kernel launch");

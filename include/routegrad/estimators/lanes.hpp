@@ -2,7 +2,8 @@
 //
 // The per-token rules (estimators/token_forward.hpp, token_backward.hpp) are written once against
 // this interface. Lane `l` of `L` visits the elements l, l + L, l + 2L, ... of a row (each(n, f));
-// reductions combine the lanes' partial results and return the same value on every lane. The CPU
+// reductions combine the lanes' partial results and return the same value on every lane. Every
+// policy visits a lane's elements in ascending index (keep_larger relies on it). The CPU
 // back end uses serial_lanes (one lane, every operation is the identity); the CUDA back end
 // supplies a warp policy with the same members.
 #pragma once
@@ -23,12 +24,22 @@ struct row_extreme {
 template <class M>
 ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE row_extreme<M> better_extreme(row_extreme<M> a,
                                                                  row_extreme<M> b) {
-  // Branch-free (it runs once per element): b wins when a is "none", or b is a real entry that
-  // is larger, or equal with a lower index.
+  // b wins when a is "none", or b is a real entry that is larger, or equal with a lower index.
+  // Bitwise | and & (not || and &&): no short-circuit branches in the butterfly reductions.
   const bool b_wins =
-      a.index < 0 ||
-      (b.index >= 0 && (b.value > a.value || (b.value == a.value && b.index < a.index)));
+      (a.index < 0) |
+      ((b.index >= 0) & ((b.value > a.value) | ((b.value == a.value) & (b.index < a.index))));
   return {b_wins ? b.value : a.value, b_wins ? b.index : a.index};
+}
+
+/// Adds element i with value z to one lane's running maximum. Valid because each(n, f) visits a
+/// lane's elements in ascending index: only a strictly larger value replaces, so ties keep the
+/// lowest index, and −inf or NaN never enter (start from {−inf, −1}).
+template <class M>
+ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE void keep_larger(row_extreme<M>& top, M z, int i) {
+  const bool larger = z > top.value;
+  top.value = larger ? z : top.value;
+  top.index = larger ? i : top.index;
 }
 
 /// One lane per row: the CPU back end.

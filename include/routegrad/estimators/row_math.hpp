@@ -61,35 +61,38 @@ ROUTEGRAD_HD row_summary<M> summarize_row(const Lanes& lanes, const Row& row) {
   const M inf = math::infinity<M>();
   bool bad = false;
   row_extreme<M> top{-inf, -1};
+  const M largest = math::largest_finite<M>();
   lanes.each(row.size(), [&](int i) {  // branch-free: it runs once per element
     const M c = row.clean(i);
     const M z = row.logit(i);  // Switch's jitter can overflow a huge finite logit to +inf
-    bad |= math::is_nan(c) | (c == inf) | math::is_nan(z) | (z == inf);
-    top = better_extreme(top, row_extreme<M>{z, z > -inf ? i : -1});  // −inf and NaN: "none"
+    bad |= !(c <= largest) | !(z <= largest);  // NaN or +inf: the values not ≤ the largest
+    keep_larger(top, z, i);
   });
   bad = lanes.any(bad);
   top = lanes.argmax(top);
   return {!bad && top.index >= 0, top};
 }
 
-/// max / argmax of logit(i) over finite entries with include(i).
+/// max / argmax of logit(i) over finite entries with include(i, logit(i)). (Predicates take the
+/// logit the caller already loaded, so each element is read once per pass.)
 template <class M, class Lanes, class Row, class Include>
 ROUTEGRAD_HD row_extreme<M> max_where(const Lanes& lanes, const Row& row, Include include) {
   const M inf = math::infinity<M>();
   row_extreme<M> top{-inf, -1};
   lanes.each(row.size(), [&](int i) {
     const M z = row.logit(i);
-    if (z > -inf && include(i)) top = better_extreme(top, row_extreme<M>{z, i});
+    keep_larger(top, include(i, z) ? z : -inf, i);
   });
   return lanes.argmax(top);
 }
 
-/// Σ exp(logit(i) − m) over entries with include(i) (−inf entries add 0).
+/// Σ exp(logit(i) − m) over entries with include(i, logit(i)) (−inf entries add 0).
 template <class M, class Lanes, class Row, class Include>
 ROUTEGRAD_HD M sum_exp_where(const Lanes& lanes, const Row& row, M m, Include include) {
   M s = M(0);
   lanes.each(row.size(), [&](int i) {
-    if (include(i)) s += math::exp(row.logit(i) - m);
+    const M z = row.logit(i);
+    if (include(i, z)) s += math::exp_fast(z - m);
   });
   return lanes.sum(s);
 }
@@ -98,14 +101,14 @@ ROUTEGRAD_HD M sum_exp_where(const Lanes& lanes, const Row& row, M m, Include in
 template <class M, class Lanes, class Row>
 ROUTEGRAD_HD M sum_exp_clean(const Lanes& lanes, const Row& row, M m) {
   M s = M(0);
-  lanes.each(row.size(), [&](int i) { s += math::exp(row.clean(i) - m); });
+  lanes.each(row.size(), [&](int i) { s += math::exp_fast(row.clean(i) - m); });
   return lanes.sum(s);
 }
 
-/// Writes w_i = exp(logit(i) − m) for the entries with include(i), 0 for the others, into the
-/// lane-owned elements of `weights` (lane l writes i ≡ l mod L), and returns Σ w. The passes that
-/// follow (the inverse-CDF draw, the softmax Jacobian) read these instead of testing the mask and
-/// calling exp again. With `live`, also sets bit s of *live when this lane's element of step s
+/// Writes w_i = exp(logit(i) − m) for the entries with include(i, logit(i)), 0 for the others, into
+/// the lane-owned elements of `weights` (lane l writes i ≡ l mod L), and returns Σ w. The passes
+/// that follow (the inverse-CDF draw, the softmax Jacobian) read these instead of testing the mask
+/// and calling exp again. With `live`, also sets bit s of *live when this lane's element of step s
 /// (elements s·L .. s·L + L − 1) has a positive weight, for inverse_cdf (rows of ≤ 32 steps).
 template <class M, class Lanes, class Row, class Include>
 ROUTEGRAD_HD M candidate_weights(const Lanes& lanes, const Row& row, M m, Include include,
@@ -115,7 +118,9 @@ ROUTEGRAD_HD M candidate_weights(const Lanes& lanes, const Row& row, M m, Includ
   const bool track = live != nullptr && lanes.steps(row.size()) <= 32;
   const unsigned L = static_cast<unsigned>(lanes.count());
   lanes.each(row.size(), [&](int i) {
-    const M w = include(i) ? math::exp(row.logit(i) - m) : M(0);
+    const M z = row.logit(i);
+    const M e = math::exp_fast(z - m);  // unconditional: a select costs less than a branch
+    const M w = include(i, z) ? e : M(0);
     weights[i] = w;
     s += w;
     if (track && w > M(0)) bits |= 1u << (static_cast<unsigned>(i) / L);

@@ -7,6 +7,8 @@
 // the lane's own elements (the back end zeroes it before and stores it after).
 #pragma once
 
+#include <type_traits>
+
 #include "token_common.hpp"
 
 namespace routegrad {
@@ -27,9 +29,7 @@ ROUTEGRAD_HD slot_softmax<M> clean_softmax(const Lanes& lanes, const Row& row, M
   if constexpr (Est::noisy) {
     const M inf = math::infinity<M>();
     row_extreme<M> top{-inf, -1};
-    lanes.each(row.size(), [&](int i) {
-      if (row.clean(i) > -inf) top = better_extreme(top, row_extreme<M>{row.clean(i), i});
-    });
+    lanes.each(row.size(), [&](int i) { keep_larger(top, row.clean(i), i); });
     m = lanes.argmax(top).value;
   }
   return {m, sum_exp_clean(lanes, row, m)};
@@ -47,17 +47,22 @@ template <class Est, class M, class Lanes, class Row, class Slots>
 ROUTEGRAD_HD slot_view<M> recompute_slot(const Lanes& lanes, const Row& row, const Slots& slots,
                                          slot_softmax<M> shared, row_extreme<M> row_top, M two_eps,
                                          int j, M* weights) {
-  slot_softmax<M> sm = shared;
   const int d = static_cast<int>(slots.expert(j));
   if constexpr (Est::per_slot_softmax) {
-    const row_extreme<M> top =
-        j == 0 ? row_top : max_where<M>(lanes, row, not_taken<Slots>{slots, j});
-    if (top.index < 0) return {sm, M(0)};
-    const slot_candidates<Est, M, Row, Slots> candidate{row, slots, j, top.value, two_eps};
-    sm = {top.value, candidate_weights(lanes, row, top.value, candidate, weights)};
-    if (!candidate(d)) return {sm, M(0)};
+    return with_taken(lanes, slots, j, row.size(), [&](const auto& taken) -> slot_view<M> {
+      using Taken = std::decay_t<decltype(taken)>;
+      const row_extreme<M> top =
+          j == 0 ? row_top : max_where<M>(lanes, row, not_taken<Taken>{taken});
+      if (top.index < 0) return {shared, M(0)};
+      const slot_candidates<Est, M, Row, Taken> candidate{row, taken, top.value, two_eps};
+      const slot_softmax<M> sm{top.value,
+                               candidate_weights(lanes, row, top.value, candidate, weights)};
+      if (!candidate.contains(d)) return {sm, M(0)};
+      return {sm, math::exp(row.logit(d) - sm.max) / sm.norm};
+    });
+  } else {
+    return {shared, math::exp(row.logit(d) - shared.max) / shared.norm};
   }
-  return {sm, math::exp(row.logit(d) - sm.max) / sm.norm};
 }
 
 /// Adds token t's logit gradient into `grad`. Returns false (and adds nothing) for a row the
@@ -113,12 +118,13 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
     M fp = M(0);
     if (aux.load_balance_scale != M(0)) {
       lanes.each(row.size(),
-                 [&](int i) { fp += aux.fraction(i) * math::exp(row.clean(i) - c.max); });
+                 [&](int i) { fp += aux.fraction(i) * math::exp_fast(row.clean(i) - c.max); });
       fp = lanes.sum(fp) / c.norm;
     }
     const M lse = c.max + math::log(c.norm);
+    const M inv_norm = M(1) / c.norm;
     lanes.each(row.size(), [&](int i) {
-      const M pi = math::exp(row.clean(i) - c.max) / c.norm;
+      const M pi = math::exp_fast(row.clean(i) - c.max) * inv_norm;
       grad.add(i,
                aux.load_balance_scale * pi * (aux.fraction(i) - fp) + aux.z_loss_scale * lse * pi);
     });

@@ -40,22 +40,73 @@ ROUTEGRAD_HD int lowest_free_expert(const Slots& slots, int slot) {
   return i;
 }
 
+/// The experts slots before `slot` took, as a test of element i. On rows of at most 32 steps
+/// per lane it is one bit test (bit s of `bits`: this lane's element of step s, i = s·L + lane),
+/// set up once per slot instead of comparing every element with every earlier slot's expert.
+template <class Lanes, class Slots>
+struct taken_experts {
+  const Slots& slots;
+  int slot;
+  bool use_bits;
+  unsigned bits = 0;
+
+  ROUTEGRAD_HD taken_experts(const Lanes& lanes, const Slots& s, int j, int n)
+      : slots(s), slot(j), use_bits(lanes.steps(n) <= 32) {
+    constexpr unsigned L = static_cast<unsigned>(Lanes::count());
+    if (use_bits)
+      for (int l = 0; l < j; ++l) {
+        const unsigned e = static_cast<unsigned>(slots.expert(l));
+        if (e % L == static_cast<unsigned>(lanes.lane())) bits |= 1u << (e / L);
+      }
+  }
+  /// Whether an earlier slot took expert i, for any i (every lane gives the same answer).
+  ROUTEGRAD_HD bool any_lane(int i) const { return taken_before(slots, slot, i); }
+  /// Only for elements i this lane owns (as each(n, f) passes them).
+  ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE bool operator()(int i) const {
+    constexpr unsigned L = static_cast<unsigned>(Lanes::count());
+    if (use_bits) return ((bits >> (static_cast<unsigned>(i) / L)) & 1u) != 0u;
+    return taken_before(slots, slot, i);
+  }
+};
+
+/// Slot 0's taken-expert test: nothing is taken yet.
+struct nothing_taken {
+  ROUTEGRAD_HD bool operator()(int) const { return false; }
+  ROUTEGRAD_HD bool any_lane(int) const { return false; }
+};
+
+/// Returns f(taken) with slot j's taken-expert test: nothing_taken for slot 0 (at k = 1 every
+/// token's only slot), so that its per-element loops carry no taken check; taken_experts after.
+template <class Lanes, class Slots, class F>
+ROUTEGRAD_HD auto with_taken(const Lanes& lanes, const Slots& slots, int j, int n, F&& f) {
+  if (j == 0) return f(nothing_taken{});
+  return f(taken_experts<Lanes, Slots>(lanes, slots, j, n));
+}
+
 /// The candidate set S_j of slot j (SPEC §1–2): finite logits, not taken by earlier slots, and,
 /// for SparseMixer, not removed by the jitter mask relative to `slot_max` (the slot's max).
 /// Estimators without a per-slot softmax normalise over every finite logit instead.
-template <class Est, class M, class Row, class Slots>
+template <class Est, class M, class Row, class Taken>
 struct slot_candidates {
   const Row& row;
-  const Slots& slots;
-  int slot;
+  const Taken& taken;
   jitter_mask_test<M> masked;
 
-  ROUTEGRAD_HD slot_candidates(const Row& r, const Slots& s, int j, M slot_max, M two_eps)
-      : row(r), slots(s), slot(j), masked(slot_max, two_eps) {}
+  ROUTEGRAD_HD slot_candidates(const Row& r, const Taken& t, M slot_max, M two_eps)
+      : row(r), taken(t), masked(slot_max, two_eps) {}
 
-  ROUTEGRAD_HD bool operator()(int i) const {
+  /// For an element this lane owns (as each(n, f) passes them), with its logit z.
+  ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE bool operator()(int i, M z) const {
     if constexpr (Est::per_slot_softmax) {
-      if (taken_before(slots, slot, i)) return false;
+      if constexpr (Est::jitter_mask) return !taken(i) & !masked(z);  // bitwise: no branch
+      return !taken(i);
+    }
+    return true;
+  }
+  /// For any element, the same answer on every lane.
+  ROUTEGRAD_HD bool contains(int i) const {
+    if constexpr (Est::per_slot_softmax) {
+      if (taken.any_lane(i)) return false;
       if constexpr (Est::jitter_mask) return !masked(row.logit(i));
     }
     return true;
@@ -63,15 +114,20 @@ struct slot_candidates {
 };
 
 /// Experts not yet taken (for the slot's argmax).
-template <class Slots>
+template <class Taken>
 struct not_taken {
-  const Slots& slots;
-  int slot;
-  ROUTEGRAD_HD bool operator()(int i) const { return !taken_before(slots, slot, i); }
+  const Taken& taken;
+  template <class M>
+  ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE bool operator()(int i, M) const {
+    return !taken(i);
+  }
 };
 
 struct any_expert {
-  ROUTEGRAD_HD bool operator()(int) const { return true; }
+  template <class M>
+  ROUTEGRAD_HD bool operator()(int, M) const {
+    return true;
+  }
 };
 
 /// The coin of a quadrature rule: 0 → c = 1, n ≥ 1 → node n−1, from a uniform u in (0, 1).

@@ -7,6 +7,8 @@
 // `weights` is E elements of scratch (per lane, only its own elements are used).
 #pragma once
 
+#include <type_traits>
+
 #include "token_common.hpp"
 
 namespace routegrad {
@@ -36,18 +38,19 @@ ROUTEGRAD_HD token_outcome token_forward(const Lanes& lanes, const Row& row, Slo
     shared.norm = sum_exp_where(lanes, row, summary.top.value, any_expert{});
 
   bool complete = true;
-  M gate_sum = M(0);
-  for (int j = 0; j < p.k; ++j) {
+  // Routes slot j with its taken-expert test; returns the gate.
+  const auto route_slot = [&](int j, const auto& taken) -> M {
+    using Taken = std::decay_t<decltype(taken)>;
     const row_extreme<M> top =
-        j == 0 ? summary.top : max_where<M>(lanes, row, not_taken<Slots>{slots, j});
+        j == 0 ? summary.top : max_where<M>(lanes, row, not_taken<Taken>{taken});
     if (top.index < 0) {  // no finite logit left for this slot
       slots.record(j, lowest_free_expert(slots, j), M(0), 0);
       complete = false;
-      continue;
+      return M(0);
     }
-    const slot_candidates<Est, M, Row, Slots> candidate{row, slots, j, top.value, two_eps};
+    const slot_candidates<Est, M, Row, Taken> candidate{row, taken, top.value, two_eps};
     slot_softmax<M> sm = shared;
-    unsigned live = 0;  // lane steps holding a candidate (for the inverse-CDF draw)
+    [[maybe_unused]] unsigned live = 0;  // lane steps holding a candidate (inverse-CDF draw)
     if constexpr (Est::per_slot_softmax)
       sm = {top.value, candidate_weights(lanes, row, top.value, candidate, weights, &live)};
 
@@ -66,8 +69,12 @@ ROUTEGRAD_HD token_outcome token_forward(const Lanes& lanes, const Row& row, Slo
     const M gate =
         coin_scale<typename Est::rule, M>(coin) * math::exp(row.logit(chosen) - sm.max) / sm.norm;
     slots.record(j, chosen, gate, coin);
-    gate_sum += gate;
-  }
+    return gate;
+  };
+  M gate_sum = M(0);
+  for (int j = 0; j < p.k; ++j)
+    gate_sum += with_taken(lanes, slots, j, row.size(),
+                           [&](const auto& taken) { return route_slot(j, taken); });
   if (p.renormalize && gate_sum > M(0))
     for (int j = 0; j < p.k; ++j) slots.set_gate(j, slots.gate(j) / gate_sum);
   return {true, complete};
