@@ -44,17 +44,30 @@ ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE double exp(double x) {
 #endif
 }
 /// exp for the per-element passes over a row (softmax weights and normalisers). On the GPU in
-/// float it is the hardware approximation __expf: about 10 instructions fewer per element, with
-/// at most 2 + ⌊1.173·|x|⌋ ulp of error (CUDA's documented bound) — for the weights that matter
-/// (x = z − max near 0) a few ulp, far inside the float tolerance the back ends agree to; results
-/// below the smallest normal flush to 0. Everywhere else it is exp.
+/// float it is the hardware 2^x of x·log2(e) (ex2.approx.ftz: two instructions instead of about
+/// ten), the computation of __expf with at most 2 + ⌊1.173·|x|⌋ ulp of error (CUDA's documented
+/// bound) — for the weights that matter (x = z − max near 0) a few ulp, far inside the float
+/// tolerance the back ends agree to — except that results below 2^-126 flush to 0. Everywhere
+/// else it is exp.
 ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE float exp_fast(float x) {
 #if ROUTEGRAD_DEVICE_PASS
-  return ::__expf(x);
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.44269504088896340736f));
+  return y;
 #else
   return std::exp(x);
 #endif
 }
+/// a / b to a few ulp: the GPU's fast reciprocal-based division (__fdividef, two instructions);
+/// exact division elsewhere. For values whose rounding the caller's margin absorbs.
+ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE float divide_approx(float a, float b) {
+#if ROUTEGRAD_DEVICE_PASS
+  return ::__fdividef(a, b);
+#else
+  return a / b;
+#endif
+}
+ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE double divide_approx(double a, double b) { return a / b; }
 ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE double exp_fast(double x) { return exp(x); }
 ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE float log(float x) {
 #if ROUTEGRAD_DEVICE_PASS

@@ -131,25 +131,11 @@ struct warp_lanes {
     if constexpr (Width == 1) return x;
     return __any_sync(mask, x) != 0;
   }
-  __device__ int max_index(int x) const { return Width == 1 ? x : reduce_max(x); }
-  template <class M>
-  __device__ M inclusive_scan(M x) const {
-    for (int d = 1; d < Width; d *= 2) {
-      const M o = __shfl_up_sync(mask, x, d, Width);
-      if (lane_id >= d) x += o;
-    }
-    return x;
-  }
-  template <class M>
-  __device__ M from_last_lane(M x) const {
-    if constexpr (Width == 1) return x;
-    return __shfl_sync(mask, x, Width - 1, Width);
-  }
-  __device__ int first_lane(bool pred) const {
-    if constexpr (Width == 1) return pred ? 0 : -1;
-    const unsigned ballot = __ballot_sync(mask, pred) & mask;
-    if (ballot == 0u) return -1;
-    return __ffs(static_cast<int>(ballot)) - 1 - (__ffs(static_cast<int>(mask)) - 1);
+  /// Bit l set when the group's lane l has `pred`.
+  __device__ unsigned ballot(bool pred) const {
+    if constexpr (Width == 1) return pred ? 1u : 0u;
+    const unsigned b = __ballot_sync(mask, pred) & mask;
+    return Width == 32 ? b : b >> (__ffs(static_cast<int>(mask)) - 1);
   }
 };
 

@@ -118,14 +118,14 @@ struct lanes_shape {
 /// 32 lanes by 2× and the unrolled 8 × 16 by 8% on SparseMixer; E = 256: 32 lanes × 8. A thread
 /// per token pays no shuffles at all and wins for E ≤ 8 once T fills the GPU. A bound on the
 /// elements per lane (even without unrolling) lets the per-slot bookkeeping use bit masks.
-/// For 16 elements per lane the forward unrolls and the backward does not: the backward keeps
-/// the gradient row too and spills when unrolled (H200, T = 131072, SparseMixer midpoint:
-/// E = 128 forward 73 µs unrolled vs 77, backward 76 vs 84; E = 64 forward 50 vs 52, backward
-/// 48 vs 63).
+/// At E = 128 the forward unrolls and the backward does not: the backward keeps the gradient row
+/// too and spills when unrolled (H200, T = 131072, SparseMixer midpoint, three calls: forward
+/// 70–73 µs unrolled vs 72–77, backward 76–79 vs 68–76). At E = 64 neither unrolls (forward
+/// 46–52 µs either way, backward 45–48 vs 62).
 inline lanes_shape lanes_for(index_t rows, index_t cols, bool backward = false) {
   if (cols <= 8) return rows >= 32768 ? lanes_shape{1, 8, true} : lanes_shape{8, 4, true};
   if (cols <= 32) return {8, 4, true};
-  if (cols <= 64) return {4, 16, !backward};
+  if (cols <= 64) return {4, 16, false};
   if (cols <= 128) return {8, 16, !backward};
   if (cols <= 256) return {32, 8, true};
   return {32, 0, false};
@@ -180,8 +180,6 @@ void dispatch_shape(lanes_shape shape, Launch launch) {
   if (shape.width == 1) {
     launch(warp_lanes<1, 8>{});
   } else if (shape.width == 4) {
-    if constexpr (!Backward)
-      if (unrolled_16) return launch(warp_lanes<4, 16, true>{});
     launch(warp_lanes<4, 16, false>{});
   } else if (shape.width == 8 && shape.per_lane == 4) {
     launch(warp_lanes<8, 4>{});

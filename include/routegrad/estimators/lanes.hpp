@@ -64,19 +64,8 @@ struct serial_lanes {
     return x;
   }
   ROUTEGRAD_HD bool any(bool x) const { return x; }
-  ROUTEGRAD_HD int max_index(int x) const { return x; }
-  /// Inclusive prefix sum across lanes (lane l gets the sum of lanes 0..l).
-  template <class M>
-  ROUTEGRAD_HD M inclusive_scan(M x) const {
-    return x;
-  }
-  /// The value held by the last lane.
-  template <class M>
-  ROUTEGRAD_HD M from_last_lane(M x) const {
-    return x;
-  }
-  /// The lowest lane whose `pred` is true, or -1.
-  ROUTEGRAD_HD int first_lane(bool pred) const { return pred ? 0 : -1; }
+  /// Bit l set when lane l's `pred` is true.
+  ROUTEGRAD_HD unsigned ballot(bool pred) const { return pred ? 1u : 0u; }
   /// Bitwise or across lanes.
   ROUTEGRAD_HD unsigned bit_or(unsigned x) const { return x; }
 };

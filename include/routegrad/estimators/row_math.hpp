@@ -26,6 +26,8 @@ ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE bool jitter_masked(M z, M m, M two_eps) {
 /// quotient. z below τ − δ is removed and z above τ + δ kept, with δ = 2^-16·max(|m|, |τ|): there
 /// the quotient differs from 2ε by more than 2^-18, far beyond its few ulps of rounding error, so
 /// the answer is jitter_masked's. Only z within δ of τ (and every z for other ε) take the division.
+/// τ itself needs only a few correct bits: it is computed to a few ulps (2^-21 relative, the GPU's
+/// fast division), which moves the two bounds by far less than δ.
 template <class M>
 struct jitter_mask_test {
   M m, two_eps;
@@ -34,7 +36,7 @@ struct jitter_mask_test {
 
   ROUTEGRAD_HD jitter_mask_test(M slot_max, M eps2) : m(slot_max), two_eps(eps2) {
     if (two_eps > M(0) && two_eps < M(0.5)) {
-      const M tau = m > M(0) ? m * (M(1) - two_eps) : m / (M(1) - two_eps);
+      const M tau = m > M(0) ? m * (M(1) - two_eps) : math::divide_approx(m, M(1) - two_eps);
       const M delta = M(0x1p-16) * math::max(math::abs(m), math::abs(tau));
       masked_below = tau - delta;
       kept_above = tau + delta;
@@ -123,7 +125,8 @@ ROUTEGRAD_HD M candidate_weights(const Lanes& lanes, const Row& row, M m, Includ
     const M w = include(i, z) ? e : M(0);
     weights[i] = w;
     s += w;
-    if (track && w > M(0)) bits |= 1u << (static_cast<unsigned>(i) / L);
+    // (i − lane) / L is this element's step: folds to a constant in unrolled loops.
+    if (track && w > M(0)) bits |= 1u << (static_cast<unsigned>(i - lanes.lane()) / L);
   });
   if (live) *live = bits;
   return lanes.sum(s);
@@ -131,25 +134,29 @@ ROUTEGRAD_HD M candidate_weights(const Lanes& lanes, const Row& row, M m, Includ
 
 /// Inverse-CDF draw over candidate_weights: the first i (in index order) whose running sum of
 /// weights exceeds `target` (= u · Σ w, u in (0,1)). If rounding leaves the target unreached, the
-/// last entry with positive weight is taken. Needs one uniform, not one per expert. `live`: this
-/// lane's bits from candidate_weights, or null to find them here.
+/// last entry with positive weight is taken. Needs one uniform, not one per expert. The running
+/// sum adds the positive weights one at a time in index order — every lane does it, reading the
+/// weights from the row, so every back end sums in the same order. `live`: this lane's bits from
+/// candidate_weights, or null to find them here.
 template <class M, class Lanes>
 ROUTEGRAD_HD int inverse_cdf(const Lanes& lanes, const M* weights, int n, M target,
                              const unsigned* live_bits = nullptr) {
   const int L = lanes.count();
-  M carry = M(0);
+  M running = M(0);
   int last_positive = -1;
   // One step covers elements step·L .. step·L + L − 1; a step without a positive weight adds
-  // nothing (most experts are masked out), so only the steps in `live` are scanned.
+  // nothing (most experts are masked out), so only the steps in `live` are scanned, and in a
+  // step only the lanes holding a positive weight.
   const auto scan_step = [&](int step) {
     const int base = step * L;
     const int i = base + lanes.lane();
-    const M p = i < n ? weights[i] : M(0);
-    const M running = carry + lanes.inclusive_scan(p);
-    const int hit = lanes.first_lane(p > M(0) && running > target);
-    if (hit >= 0) return base + hit;
-    if (p > M(0)) last_positive = i;
-    carry = lanes.from_last_lane(running);
+    for (unsigned holders = lanes.ballot(i < n && weights[i] > M(0)); holders != 0;
+         holders &= holders - 1) {
+      const int e = base + math::lowest_bit(holders);
+      running += weights[e];
+      if (running > target) return e;
+      last_positive = e;
+    }
     return -1;
   };
   if (lanes.steps(n) <= 32) {
@@ -170,7 +177,7 @@ ROUTEGRAD_HD int inverse_cdf(const Lanes& lanes, const M* weights, int n, M targ
       if (hit >= 0) return hit;
     }
   }
-  return lanes.max_index(last_positive);
+  return last_positive;
 }
 
 }  // namespace routegrad

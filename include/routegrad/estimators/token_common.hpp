@@ -47,11 +47,12 @@ template <class Lanes, class Slots>
 struct taken_experts {
   const Slots& slots;
   int slot;
+  int lane;
   bool use_bits;
   unsigned bits = 0;
 
   ROUTEGRAD_HD taken_experts(const Lanes& lanes, const Slots& s, int j, int n)
-      : slots(s), slot(j), use_bits(lanes.steps(n) <= 32) {
+      : slots(s), slot(j), lane(lanes.lane()), use_bits(lanes.steps(n) <= 32) {
     constexpr unsigned L = static_cast<unsigned>(Lanes::count());
     if (use_bits)
       for (int l = 0; l < j; ++l) {
@@ -64,7 +65,7 @@ struct taken_experts {
   /// Only for elements i this lane owns (as each(n, f) passes them).
   ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE bool operator()(int i) const {
     constexpr unsigned L = static_cast<unsigned>(Lanes::count());
-    if (use_bits) return ((bits >> (static_cast<unsigned>(i) / L)) & 1u) != 0u;
+    if (use_bits) return ((bits >> (static_cast<unsigned>(i - lane) / L)) & 1u) != 0u;
     return taken_before(slots, slot, i);
   }
 };
