@@ -131,6 +131,8 @@ struct warp_lanes {
     if constexpr (Width == 1) return x;
     return __any_sync(mask, x) != 0;
   }
+  /// Makes each lane's earlier shared-memory writes visible to the other lanes of the group.
+  __device__ void sync() const { __syncwarp(mask); }
   /// Bit l set when the group's lane l has `pred`.
   __device__ unsigned ballot(bool pred) const {
     if constexpr (Width == 1) return pred ? 1u : 0u;

@@ -120,7 +120,7 @@ struct lanes_shape {
 /// elements per lane (even without unrolling) lets the per-slot bookkeeping use bit masks.
 /// At E = 128 the forward unrolls and the backward does not: the backward keeps the gradient row
 /// too and spills when unrolled (H200, T = 131072, SparseMixer midpoint, three calls: forward
-/// 70–73 µs unrolled vs 72–77, backward 76–79 vs 68–76). At E = 64 neither unrolls (forward
+/// 70–73 µs unrolled vs 72–77, backward 79–84 vs 68–76). At E = 64 neither unrolls (forward
 /// 46–52 µs either way, backward 45–48 vs 62).
 inline lanes_shape lanes_for(index_t rows, index_t cols, bool backward = false) {
   if (cols <= 8) return rows >= 32768 ? lanes_shape{1, 8, true} : lanes_shape{8, 4, true};

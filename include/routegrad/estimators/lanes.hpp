@@ -64,6 +64,8 @@ struct serial_lanes {
     return x;
   }
   ROUTEGRAD_HD bool any(bool x) const { return x; }
+  /// Makes each lane's earlier writes to a row visible to the other lanes of the group.
+  ROUTEGRAD_HD void sync() const {}
   /// Bit l set when lane l's `pred` is true.
   ROUTEGRAD_HD unsigned ballot(bool pred) const { return pred ? 1u : 0u; }
   /// Bitwise or across lanes.

@@ -159,25 +159,34 @@ ROUTEGRAD_HD int inverse_cdf(const Lanes& lanes, const M* weights, int n, M targ
     }
     return -1;
   };
-  if (lanes.steps(n) <= 32) {
-    unsigned live = 0;
-    if (live_bits)
-      live = *live_bits;
-    else
-      lanes.each(n, [&](int i) {
-        if (weights[i] > M(0)) live |= 1u << (static_cast<unsigned>(i) / static_cast<unsigned>(L));
-      });
-    for (live = lanes.bit_or(live); live != 0; live &= live - 1) {
-      const int hit = scan_step(math::lowest_bit(live));
-      if (hit >= 0) return hit;
+  const auto draw = [&] {
+    if (lanes.steps(n) <= 32) {
+      unsigned live = 0;
+      if (live_bits)
+        live = *live_bits;
+      else
+        lanes.each(n, [&](int i) {
+          if (weights[i] > M(0))
+            live |= 1u << (static_cast<unsigned>(i) / static_cast<unsigned>(L));
+        });
+      for (live = lanes.bit_or(live); live != 0; live &= live - 1) {
+        const int hit = scan_step(math::lowest_bit(live));
+        if (hit >= 0) return hit;
+      }
+    } else {
+      for (int step = 0; step * L < n; ++step) {
+        const int hit = scan_step(step);
+        if (hit >= 0) return hit;
+      }
     }
-  } else {
-    for (int step = 0; step * L < n; ++step) {
-      const int hit = scan_step(step);
-      if (hit >= 0) return hit;
-    }
-  }
-  return last_positive;
+    return last_positive;
+  };
+  // Every lane reads weights the other lanes wrote: after their writes, and before any lane
+  // writes the next slot's.
+  lanes.sync();
+  const int chosen = draw();
+  lanes.sync();
+  return chosen;
 }
 
 }  // namespace routegrad
