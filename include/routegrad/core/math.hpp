@@ -58,6 +58,20 @@ ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE float exp_fast(float x) {
   return std::exp(x);
 #endif
 }
+ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE double exp_fast(double x) { return exp(x); }
+/// exp_fast(x) where keep() is true, else 0. The GPU computes the exp unconditionally, then
+/// selects (two instructions, no divergent branch); the CPU calls exp only where keep() (a libm
+/// call costs far more than a predictable branch, and most of a SparseMixer slot's experts are
+/// masked).
+template <class M, class Keep>
+ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE M exp_where(M x, Keep&& keep) {
+#if ROUTEGRAD_DEVICE_PASS
+  const M e = exp_fast(x);
+  return keep() ? e : M(0);
+#else
+  return keep() ? exp_fast(x) : M(0);
+#endif
+}
 /// a / b to a few ulp: the GPU's fast reciprocal-based division (__fdividef, two instructions);
 /// exact division elsewhere. For values whose rounding the caller's margin absorbs.
 ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE float divide_approx(float a, float b) {
@@ -68,7 +82,6 @@ ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE float divide_approx(float a, float b) {
 #endif
 }
 ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE double divide_approx(double a, double b) { return a / b; }
-ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE double exp_fast(double x) { return exp(x); }
 ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE float log(float x) {
 #if ROUTEGRAD_DEVICE_PASS
   return ::logf(x);

@@ -121,8 +121,7 @@ ROUTEGRAD_HD M candidate_weights(const Lanes& lanes, const Row& row, M m, Includ
   const unsigned L = static_cast<unsigned>(lanes.count());
   lanes.each(row.size(), [&](int i) {
     const M z = row.logit(i);
-    const M e = math::exp_fast(z - m);  // unconditional: a select costs less than a branch
-    const M w = include(i, z) ? e : M(0);
+    const M w = math::exp_where(z - m, [&] { return include(i, z); });
     weights[i] = w;
     s += w;
     // (i − lane) / L is this element's step: folds to a constant in unrolled loops.
