@@ -1,7 +1,8 @@
-// The jitter mask's one-comparison form (jitter_mask_test, estimators/row_math.hpp) against the
-// mask's definition (jitter_masked: the rounded quotient against 2ε), on random rows, on logits
-// placed within a few ulps of the threshold on both sides, and on the edge cases (m = 0, m < 0,
-// tiny and huge logits, −inf, ε at and beyond the range the fast form covers).
+// The jitter mask's one-comparison form (jitter_mask_test, estimators/row_math.hpp, and the
+// branch-free quick() that candidate_weights uses) against the mask's definition (jitter_masked:
+// the rounded quotient against 2ε), on random rows, on logits placed within a few ulps of the
+// threshold on both sides, and on the edge cases (m = 0, m < 0, tiny and huge logits, −inf, ε at
+// and beyond the range the fast form covers).
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -81,7 +82,18 @@ void check_equivalence() {
         if (got != expected)
           FAIL_CHECK("m = " << m << ", 2eps = " << two_eps << ", z = " << z << ": expected "
                             << expected << ", got " << got);
-        near += !(z < fast.masked_below) && !(z > fast.kept_above);
+        // quick(): the comparisons alone, unsure exactly inside the band (then operator() asks
+        // the quotient), and right wherever it is sure.
+        const bool in_band = !(z < fast.masked_below) && !(z > fast.kept_above);
+        bool unsure = false;
+        const bool quick = fast.quick(z, unsure);
+        if (unsure != in_band || (!unsure && quick != expected))
+          FAIL_CHECK("quick: m = " << m << ", 2eps = " << two_eps << ", z = " << z << ": expected "
+                                   << expected << ", got " << quick << " (unsure " << unsure
+                                   << ")");
+        if (fast.has_quick() != (two_eps > M(0) && two_eps < M(0.5)))
+          FAIL_CHECK("has_quick: 2eps = " << two_eps);
+        near += in_band;
         ++checked;
       }
     }

@@ -293,6 +293,38 @@ void check_case(const case_spec& c, std::uint64_t seed) {
   CHECK(std::memcmp(gates.data(), gates2.data(), gates.size() * sizeof(float)) == 0);
   CHECK(std::memcmp(grad.data(), grad2.data(), grad.size() * sizeof(T)) == 0);
   CHECK(std::memcmp(losses.data(), losses2.data(), 2 * sizeof(double)) == 0);
+
+  // Accumulate: every gradient element becomes its old value plus this call's gradient (exactly in
+  // fp32 / fp64, where the overwritten gradient is the value added; else to the storage rounding).
+  std::vector<T> base(static_cast<std::size_t>(T_rows * ld + 1), poison<T>());
+  for (index_t t = 0; t < T_rows; ++t)
+    for (index_t e = 0; e < E; ++e)
+      base[static_cast<std::size_t>(t * ld + e)] = from_double<T>(normal(gen));
+  device_buffer<T> d_grad3(base);
+  REQUIRE(route_backward<Est>(
+              opt, z, state, device_view<const float, 2>(d_grad_gates.ptr, {T_rows, k}, {ks0, ks1}),
+              device_view<T, 2>(d_grad3.ptr, {T_rows, E}, {ld, 1}), grad_mode::accumulate, stats2)
+              .is_ok());
+  RG_CUDA_REQUIRE(cudaDeviceSynchronize());
+  const std::vector<T> grad3 = d_grad3.download();
+  constexpr bool exact = std::is_same_v<T, float> || std::is_same_v<T, double>;
+  index_t wrong = 0;
+  for (index_t t = 0; t < T_rows; ++t)
+    for (index_t e = 0; e < ld; ++e) {
+      const std::size_t i = static_cast<std::size_t>(t * ld + e);
+      const double got = to_double(grad3[i]), b = to_double(base[i]), g = to_double(grad[i]);
+      bool ok = false;
+      if (e >= E)
+        ok = std::isnan(got);  // padding untouched
+      else if constexpr (exact)
+        ok = grad3[i] == static_cast<T>(base[i] + grad[i]);
+      else
+        ok = std::abs(got - (b + g)) <= tol * (1.0 + std::abs(b) + std::abs(g));
+      if (!ok && ++wrong <= 5)
+        FAIL_CHECK("accumulate: t = " << t << ", e = " << e << ": " << b << " + " << g << " -> "
+                                      << got);
+    }
+  CHECK(wrong == 0);
 }
 
 }  // namespace routegrad::test::gpu

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 #include <doctest/doctest.h>
 
+#include <cmath>
 #include <cstdint>
 #include <random>
 #include <routegrad/routegrad.hpp>
@@ -48,9 +49,89 @@ __global__ void forward_kernel(const float* logits, index_t T, index_t E, int k,
   token_forward<Est, float>(serial_lanes{}, row, slots, weights, p, rng, t);
 }
 
+/// The jitter mask on the device, three ways, for probe i: the quotient test (jitter_masked), the
+/// threshold test (jitter_mask_test, τ by the GPU's fast division) and its quick() (bit 2: unsure).
+__global__ void mask_kernel(const float* m, const float* two_eps, const float* z, int n,
+                            std::uint8_t* out) {
+  const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i >= n) return;
+  const jitter_mask_test<float> test(m[i], two_eps[i]);
+  bool unsure = false;
+  const bool quick = test.quick(z[i], unsure);
+  out[i] = static_cast<std::uint8_t>((jitter_masked(z[i], m[i], two_eps[i]) ? 1 : 0) |
+                                     (test(z[i]) ? 2 : 0) | (quick ? 4 : 0) | (unsure ? 8 : 0));
+}
+
 #define CUDA_OK(x) REQUIRE((x) == cudaSuccess)
 
 }  // namespace
+
+TEST_CASE("cuda core: the jitter mask's threshold test on the device equals the quotient test") {
+  // Probes within a few hundred ulps of the threshold τ on both sides (where the GPU's fast
+  // division of τ could matter), at −m, at m, and random logits below m.
+  std::vector<float> ms = {0.0f,  1.0f,   -1.0f, 1e-30f, -1e-30f,
+                           1e30f, -1e30f, 3.3f,  -7.5f,  65504.0f};
+  std::mt19937_64 gen(5);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  for (int s = 0; s < 40; ++s) ms.push_back(normal(gen));
+  const float eps2s[] = {0.02f, 0.1f, 0.2f, 0.3f, 0.49f, 0.0f, 0.5f, 1.0f};
+  std::vector<float> pm, pe, pz;
+  for (float m : ms)
+    for (float e2 : eps2s) {
+      const double tau = m > 0 ? double(m) * (1.0 - e2) : double(m) / (1.0 - e2);
+      for (float centre : {static_cast<float>(tau), -m, m}) {
+        if (!std::isfinite(centre)) continue;
+        float z = centre;
+        for (int u = 0; u < 300; ++u) z = std::nextafter(z, -INFINITY);
+        for (int u = 0; u < 600; ++u, z = std::nextafter(z, INFINITY))
+          if (!(z > m)) {
+            pm.push_back(m);
+            pe.push_back(e2);
+            pz.push_back(z);
+          }
+      }
+      std::uniform_real_distribution<float> below(-4.0f, 0.0f);
+      for (int u = 0; u < 50; ++u) {
+        pm.push_back(m);
+        pe.push_back(e2);
+        pz.push_back(m + below(gen) * (std::abs(m) + 1e-3f));
+      }
+    }
+  const int n = static_cast<int>(pz.size());
+  float *d_m = nullptr, *d_e = nullptr, *d_z = nullptr;
+  std::uint8_t* d_out = nullptr;
+  CUDA_OK(cudaMalloc(&d_m, n * sizeof(float)));
+  CUDA_OK(cudaMalloc(&d_e, n * sizeof(float)));
+  CUDA_OK(cudaMalloc(&d_z, n * sizeof(float)));
+  CUDA_OK(cudaMalloc(&d_out, n));
+  CUDA_OK(cudaMemcpy(d_m, pm.data(), n * sizeof(float), cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(d_e, pe.data(), n * sizeof(float), cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(d_z, pz.data(), n * sizeof(float), cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemset(d_out, 0xFF, n));  // poison
+  mask_kernel<<<(n + 255) / 256, 256>>>(d_m, d_e, d_z, n, d_out);
+  CUDA_OK(cudaGetLastError());
+  std::vector<std::uint8_t> out(static_cast<std::size_t>(n));
+  CUDA_OK(cudaMemcpy(out.data(), d_out, n, cudaMemcpyDeviceToHost));
+  cudaFree(d_m);
+  cudaFree(d_e);
+  cudaFree(d_z);
+  cudaFree(d_out);
+  int wrong = 0, unsure = 0;
+  for (int i = 0; i < n; ++i) {
+    const bool host = jitter_masked(pz[i], pm[i], pe[i]);
+    const bool quotient = out[i] & 1, threshold = out[i] & 2, quick = out[i] & 4;
+    const bool quick_unsure = out[i] & 8;
+    unsure += quick_unsure;
+    if (out[i] > 15 || quotient != host || threshold != host || (!quick_unsure && quick != host)) {
+      if (++wrong <= 10)
+        FAIL_CHECK("m = " << pm[i] << ", 2eps = " << pe[i] << ", z = " << pz[i] << ": host " << host
+                          << ", device bits " << int(out[i]));
+    }
+  }
+  CHECK(wrong == 0);
+  CHECK(n > 100000);
+  CHECK(unsure > 0);  // the band around τ is probed: both of the threshold test's paths ran
+}
 
 TEST_CASE("cuda core: per-token forward in a kernel matches the CPU back end") {
   const index_t T = 1000, E = 13;

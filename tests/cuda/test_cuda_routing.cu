@@ -71,3 +71,12 @@ TEST_CASE("cuda routing fp32: k beyond the slots kept in registers") {
                                        912);
   check_case<topk_softmax, float>({300, 256, 6, true, routing_mode::eval, true, 0.05, 0.0}, 913);
 }
+TEST_CASE("cuda routing fp32: rows of more than 32 steps per lane (E = 1500)") {
+  // 32 lanes per token and 47 steps each: the inverse CDF scans every step and the taken-expert
+  // test compares expert indices (the bit masks cover rows of at most 32 steps).
+  check_case<sparsemixer_midpoint, float>(
+      {301, 1500, 2, false, routing_mode::train, false, 0.05, 0.002}, 920);
+  check_case<sparsemixer_heun3, float>({257, 1500, 4, true, routing_mode::train, true, 0.0, 0.0},
+                                       921);
+  check_case<topk_softmax, float>({123, 1500, 2, false, routing_mode::eval, false, 0.0, 0.0}, 922);
+}

@@ -71,6 +71,7 @@ struct backward_slots {
 template <class M>
 struct scratch_grad {
   M* values;
+  ROUTEGRAD_HD void set(int i, M v) { values[i] = v; }
   ROUTEGRAD_HD void add(int i, M v) { values[i] += v; }
   ROUTEGRAD_HD void scale(int i, M f) { values[i] *= f; }
 };
@@ -269,9 +270,9 @@ status run_backward(const routing_options& opt, host_view<TL, 2> logits,
           state.coins.stride(1),
           grad_gates.data_handle() + t * grad_gates.stride(0),
           grad_gates.stride(1)};
-      std::fill(grad, grad + n, M(0));
       detail::scratch_grad<M> acc{grad};
-      token_backward<Est, M>(serial_lanes{}, row, slots, acc, grad + n, params, aux);
+      if (!token_backward<Est, M>(serial_lanes{}, row, slots, acc, grad + n, params, aux))
+        std::fill(grad, grad + n, M(0));
       GL* out = grad_logits.data_handle() + t * grad_logits.stride(0);
       const index_t s = grad_logits.stride(1);
       if (mode == grad_mode::accumulate)

@@ -10,6 +10,69 @@
 
 namespace routegrad::cuda::detail {
 
+/// Whether a contiguous row of n elements can move in 16-byte pieces between `a` and `b`: both
+/// 16-byte aligned and n a multiple of the piece.
+template <class T>
+__device__ bool row_in_pieces(int n, const void* a, const void* b) {
+  constexpr int per_piece = 16 / static_cast<int>(sizeof(T));
+  return n % per_piece == 0 &&
+         (reinterpret_cast<std::uintptr_t>(a) | reinterpret_cast<std::uintptr_t>(b)) % 16 == 0;
+}
+
+/// dst[i] = to_math(src[i]) for a contiguous row (row_in_pieces), in 16-byte pieces of the source:
+/// one load and one or two shared-memory stores per piece instead of one of each per element.
+/// Lane l moves pieces l, l + L, ...: other lanes may read the row only after a __syncwarp.
+template <class Lanes, class T, class M>
+__device__ void load_row_pieces(const Lanes& lanes, const T* src, int n, M* dst) {
+  constexpr int per_piece = 16 / static_cast<int>(sizeof(T));
+  constexpr int stores = per_piece * static_cast<int>(sizeof(M)) / 16;
+#pragma unroll 4
+  for (int c = lanes.lane(); c < n / per_piece; c += lanes.count()) {
+    const uint4 raw = reinterpret_cast<const uint4*>(src)[c];
+    T in[per_piece];
+    memcpy(in, &raw, sizeof(raw));
+    M out[per_piece];
+#pragma unroll
+    for (int v = 0; v < per_piece; ++v) out[v] = to_math<M>(in[v]);
+    uint4 words[stores];
+    memcpy(words, out, sizeof(out));
+    uint4* to = reinterpret_cast<uint4*>(dst + c * per_piece);
+#pragma unroll
+    for (int q = 0; q < stores; ++q) to[q] = words[q];
+  }
+}
+
+/// dst[i] = from_math(src[i]) (plus dst[i]'s old value when `accumulate`) for a contiguous row
+/// (row_in_pieces), in 16-byte pieces of the destination. Reads elements other lanes wrote: the
+/// caller synchronises the group first.
+template <class Lanes, class T, class M>
+__device__ void store_row_pieces(const Lanes& lanes, const M* src, int n, T* dst, bool accumulate) {
+  constexpr int per_piece = 16 / static_cast<int>(sizeof(T));
+  constexpr int loads = per_piece * static_cast<int>(sizeof(M)) / 16;
+#pragma unroll 4
+  for (int c = lanes.lane(); c < n / per_piece; c += lanes.count()) {
+    const uint4* from = reinterpret_cast<const uint4*>(src + c * per_piece);
+    uint4 words[loads];
+#pragma unroll
+    for (int q = 0; q < loads; ++q) words[q] = from[q];
+    M in[per_piece];
+    memcpy(in, words, sizeof(words));
+    uint4* to = reinterpret_cast<uint4*>(dst) + c;
+    T old[per_piece];
+    if (accumulate) {
+      const uint4 raw = *to;
+      memcpy(old, &raw, sizeof(raw));
+    }
+    T out[per_piece];
+#pragma unroll
+    for (int v = 0; v < per_piece; ++v)
+      out[v] = from_math<T>(accumulate ? to_math<M>(old[v]) + in[v] : in[v]);
+    uint4 raw;
+    memcpy(&raw, out, sizeof(raw));
+    *to = raw;
+  }
+}
+
 /// Stages row t of the logits (and Switch's jitter when `noise_eps` != 0) into the group's
 /// shared memory: one coalesced read of the row, then every pass of the per-token rules reads
 /// shared memory. Ends with a __syncwarp so every lane of the group sees every element.
@@ -18,7 +81,9 @@ __device__ staged_row<M, Noisy> stage_row(const Lanes& lanes, const T* src, inde
                                           const rng_stream& rng, index_t t, M noise_eps, M* values,
                                           M* noise) {
   __syncwarp(lanes.mask);  // every lane is done with the previous row
-  if (stride == 1)
+  if (stride == 1 && row_in_pieces<T>(n, src, values))
+    load_row_pieces(lanes, src, n, values);
+  else if (stride == 1)
     lanes.each(n, [&](int i) { values[i] = to_math<M>(src[i]); });
   else
     lanes.each(n, [&](int i) { values[i] = to_math<M>(src[i * stride]); });
@@ -108,9 +173,17 @@ struct device_backward_slots {
       : experts(e), expert_stride(es), coins(c), coin_stride(cs), grad_gates(g), grad_stride(gs) {
 #pragma unroll
     for (int s = 0; s < KMax; ++s) {
-      kept_expert[s] = s < k ? experts[s * expert_stride] : 0;
-      kept_coin[s] = s < k && coins ? coins[s * coin_stride] : 0;
-      kept_grad[s] = s < k ? to_math<M>(grad_gates[s * grad_stride]) : M(0);
+      kept_expert[s] = 0;
+      kept_coin[s] = 0;
+      kept_grad[s] = M(0);
+    }
+    // Only the k slots that exist (an early exit: k = 1 loads one slot, not KMax).
+#pragma unroll
+    for (int s = 0; s < KMax; ++s) {
+      if (s >= k) break;
+      kept_expert[s] = experts[s * expert_stride];
+      kept_coin[s] = coins ? coins[s * coin_stride] : 0;
+      kept_grad[s] = to_math<M>(grad_gates[s * grad_stride]);
     }
   }
 
@@ -137,6 +210,7 @@ struct device_backward_slots {
 template <class M>
 struct shared_grad {
   M* values;
+  __device__ void set(int i, M v) { values[i] = v; }
   __device__ void add(int i, M v) { values[i] += v; }
   __device__ void scale(int i, M f) { values[i] *= f; }
 };

@@ -163,21 +163,23 @@ __global__ void __launch_bounds__(256, min_resident_blocks)
         a.experts + t * a.expert_stride0, a.expert_stride1,
         a.coins ? a.coins + t * a.coin_stride0 : nullptr, a.coin_stride1,
         a.grad_gates + t * a.grad_gate_stride0, a.grad_gate_stride1, a.opt.k);
-    lanes.each(n, [&](int i) { scratch[i] = M(0); });
     // A state that names an expert or coin out of range (the CPU back end rejects it with a
-    // status; here that would need a synchronisation) gets a zero gradient row.
+    // status; here that would need a synchronisation) gets a zero gradient row, as does a row
+    // the forward could not route (token_backward writes the row in every other case).
     bool valid_state = true;
     for (int j = 0; j < a.opt.k; ++j) {
       const index_t e = slots.expert(j);
       if (e < 0 || e >= a.cols || slots.coin(j) > Est::rule::num_nodes) valid_state = false;
     }
-    if (valid_state) {
-      shared_grad<M> acc{scratch};
-      token_backward<Est, M>(lanes, row, slots, acc, scratch - n, params, aux);
-    }
+    shared_grad<M> acc{scratch};
+    if (!(valid_state && token_backward<Est, M>(lanes, row, slots, acc, scratch - n, params, aux)))
+      lanes.each(n, [&](int i) { scratch[i] = M(0); });
     GL* out = a.grad_logits + t * a.grad_stride0;
     const auto store = [&](GL& o, M g) { o = from_math<GL>(a.accumulate ? to_math<M>(o) + g : g); };
-    if (a.grad_stride1 == 1)
+    if (a.grad_stride1 == 1 && row_in_pieces<GL>(n, out, scratch)) {
+      lanes.sync();  // each lane stores pieces of elements other lanes computed
+      store_row_pieces(lanes, scratch, n, out, a.accumulate);
+    } else if (a.grad_stride1 == 1)
       lanes.each(n, [&](int i) { store(out[i], scratch[i]); });
     else
       lanes.each(n, [&](int i) { store(out[i * a.grad_stride1], scratch[i]); });

@@ -4,8 +4,10 @@
 // lanes of the group with bitwise-identical results; the group's own mask lets groups of one warp
 // diverge freely.
 // `PerLane` > 0 promises rows of at most Width · PerLane elements (0 = any E): then steps(n) is a
-// compile-time bound, and with `Unroll` the row loops unroll completely (independent iterations in
-// flight, immediate shared-memory offsets) — which costs registers, so it is a separate choice.
+// compile-time bound. `Unroll` is how many of a lane's steps each row loop runs per iteration:
+// PerLane (the default with a bound) unrolls completely (immediate shared-memory offsets, no loop),
+// 1 not at all, values between partly (independent iterations in flight without keeping a whole
+// row's values live) — unrolling costs registers, so it is a separate choice.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -23,15 +25,17 @@
 
 namespace routegrad::cuda {
 
-template <int Width, int PerLane = 0, bool Unroll = (PerLane > 0)>
+template <int Width, int PerLane = 0, int Unroll = (PerLane > 0 ? PerLane : 1)>
 struct warp_lanes {
   static_assert(Width >= 1 && Width <= 32 && (Width & (Width - 1)) == 0,
                 "Width must be a power of two up to 32");
   static_assert(PerLane >= 0, "PerLane: 0 (any E) or the elements per lane");
-  static_assert(PerLane > 0 || !Unroll, "unrolling needs a bound");
+  static_assert(Unroll >= 1 && (PerLane == 0 || Unroll <= PerLane),
+                "Unroll: 1 (a plain loop) up to PerLane (no loop)");
   static constexpr int width = Width;  // count(), for host code
   static constexpr int per_lane = PerLane;
-  static constexpr bool unroll = Unroll;
+  static constexpr int unroll = Unroll;
+  static constexpr bool full_unroll = PerLane > 0 && Unroll == PerLane;
   unsigned mask;  // this group's lanes within the warp
   int lane_id;    // 0..Width-1
 
@@ -44,23 +48,20 @@ struct warp_lanes {
 
   __device__ static constexpr int count() { return Width; }
 
-  /// Integer max / min over the group: one REDUX instruction on sm_80 and later.
-  static constexpr bool has_redux = ROUTEGRAD_WARP_REDUX != 0;
-  __device__ int reduce_max(int x) const {
-#if ROUTEGRAD_WARP_REDUX
-    return __reduce_max_sync(mask, x);
-#else
-    for (int d = Width / 2; d > 0; d /= 2) x = max(x, __shfl_xor_sync(mask, x, d, Width));
+  /// REDUX and VOTE give one answer for the whole warp: with groups narrower than the warp the
+  /// compiler runs them once per group (a loop over the distinct masks: 4× at 8 lanes per token,
+  /// measured with Nsight Compute), while a shuffle serves every group at once. So whole-warp
+  /// groups reduce with REDUX / VOTE, narrower ones with shuffle butterflies.
+  static constexpr bool whole_warp = Width == 32;
+  static constexpr bool has_redux = ROUTEGRAD_WARP_REDUX != 0 && whole_warp;
+
+  /// x = op(x, the value of lane ^ d) for d = Width/2, ..., 1: every lane ends with op over the
+  /// group, combined in the same order on every lane.
+  template <class V, class Op>
+  __device__ V butterfly(V x, Op op) const {
+#pragma unroll
+    for (int d = Width / 2; d > 0; d /= 2) x = op(x, __shfl_xor_sync(mask, x, d, Width));
     return x;
-#endif
-  }
-  __device__ int reduce_min(int x) const {
-#if ROUTEGRAD_WARP_REDUX
-    return __reduce_min_sync(mask, x);
-#else
-    for (int d = Width / 2; d > 0; d /= 2) x = min(x, __shfl_xor_sync(mask, x, d, Width));
-    return x;
-#endif
   }
 
   /// An int whose order is the order of the float (for non-NaN values; −0 < +0).
@@ -72,7 +73,7 @@ struct warp_lanes {
 
   template <class F>
   __device__ __forceinline__ void each(int n, F&& f) const {
-    if constexpr (Unroll) {
+    if constexpr (full_unroll) {
       if (n == Width * PerLane) {  // a full row (E a power of two): no bound test per element
 #pragma unroll
         for (int s = 0; s < PerLane; ++s) f(lane_id + s * Width);
@@ -84,6 +85,7 @@ struct warp_lanes {
         }
       }
     } else {
+#pragma unroll Unroll
       for (int i = lane_id; i < n; i += Width) f(i);
     }
   }
@@ -93,8 +95,7 @@ struct warp_lanes {
 
   template <class M>
   __device__ M sum(M x) const {
-    for (int d = Width / 2; d > 0; d /= 2) x += __shfl_xor_sync(mask, x, d, Width);
-    return x;
+    return butterfly(x, [](M a, M b) { return a + b; });
   }
   template <class M>
   __device__ row_extreme<M> argmax(row_extreme<M> x) const {
@@ -106,11 +107,13 @@ struct warp_lanes {
       // the value from the lane that owns that index (so −0 and +0 come back as they were; they
       // share a key, as better_extreme treats them as equal). "none" ({−inf, −1}) loses to any
       // real entry and stays −1 when every lane has none.
-      const int top = reduce_max(order_key(x.value + 0.0f));
-      const int index = reduce_min(order_key(x.value + 0.0f) == top ? x.index : 0x7FFFFFFF);
+      const int top = __reduce_max_sync(mask, order_key(x.value + 0.0f));
+      const int index =
+          __reduce_min_sync(mask, order_key(x.value + 0.0f) == top ? x.index : 0x7FFFFFFF);
       const float value = __shfl_sync(mask, x.value, index & (Width - 1), Width);
       return {value, index};
     } else {
+#pragma unroll
       for (int d = Width / 2; d > 0; d /= 2) {
         const row_extreme<M> o{__shfl_xor_sync(mask, x.value, d, Width),
                                __shfl_xor_sync(mask, x.index, d, Width)};
@@ -120,24 +123,23 @@ struct warp_lanes {
     }
   }
   __device__ unsigned bit_or(unsigned x) const {
+    if constexpr (Width == 1) return x;
 #if ROUTEGRAD_WARP_REDUX
-    if constexpr (Width > 1) x = __reduce_or_sync(mask, x);
-#else
-    for (int d = Width / 2; d > 0; d /= 2) x |= __shfl_xor_sync(mask, x, d, Width);
+    if constexpr (has_redux) return __reduce_or_sync(mask, x);
 #endif
-    return x;
+    return butterfly(x, [](unsigned a, unsigned b) { return a | b; });
   }
   __device__ bool any(bool x) const {
     if constexpr (Width == 1) return x;
-    return __any_sync(mask, x) != 0;
+    if constexpr (whole_warp) return __any_sync(mask, x) != 0;
+    return bit_or(x ? 1u : 0u) != 0u;
   }
   /// Makes each lane's earlier shared-memory writes visible to the other lanes of the group.
   __device__ void sync() const { __syncwarp(mask); }
   /// Bit l set when the group's lane l has `pred`.
   __device__ unsigned ballot(bool pred) const {
-    if constexpr (Width == 1) return pred ? 1u : 0u;
-    const unsigned b = __ballot_sync(mask, pred) & mask;
-    return Width == 32 ? b : b >> (__ffs(static_cast<int>(mask)) - 1);
+    if constexpr (whole_warp) return __ballot_sync(mask, pred);
+    return bit_or(pred ? 1u << lane_id : 0u);
   }
 };
 

@@ -103,43 +103,47 @@ status check_logits_and_state(const device_view<TL, 2>& logits,
 }
 
 /// How a launch spreads a token over lanes: `width` lanes per token, rows of at most
-/// width · per_lane elements (per_lane 0: any E), and whether the row loops unroll.
+/// width · per_lane elements (per_lane 0: any E), and how many of a lane's steps each row loop
+/// runs per iteration (warp_lanes' Unroll: per_lane = completely, 1 = a plain loop).
 struct lanes_shape {
   int width;
   int per_lane;
-  bool unroll;
+  int unroll;
 };
 
 /// The shape for a batch. Each reduction across a token's lanes costs a chain of shuffles that
 /// every lane of the warp executes, so few lanes per token (more tokens per warp) run fewer
 /// instructions per element; too few lanes leave long per-lane loops and little parallelism.
-/// Measured on an H200 (bench/cuda_routing.cu's shapes, docs/performance.md): E = 64: 4 lanes
-/// with run-time loops beat 8 lanes × 8 unrolled; E = 128: 8 lanes (run-time loops) beat
-/// 32 lanes by 2× and the unrolled 8 × 16 by 8% on SparseMixer; E = 256: 32 lanes × 8. A thread
-/// per token pays no shuffles at all and wins for E ≤ 8 once T fills the GPU. A bound on the
-/// elements per lane (even without unrolling) lets the per-slot bookkeeping use bit masks.
-/// At E = 128 the forward unrolls and the backward does not: the backward keeps the gradient row
-/// too and spills when unrolled (H200, T = 131072, SparseMixer midpoint, three calls: forward
-/// 70–73 µs unrolled vs 72–77, backward 79–84 vs 68–76). At E = 64 neither unrolls (forward
-/// 46–52 µs either way, backward 45–48 vs 62).
+/// Measured on an H200 (kernels launched directly, fp32, T = 131072; docs/performance.md):
+/// E = 128: 8 lanes × 16 beat 4 × 32 and 16 × 8; the forward unrolled completely (SparseMixer
+/// midpoint 62 µs vs 64–65 partly, 72 not at all), the backward four steps at a time (61.5 µs vs
+/// 63 by eight, 68 not unrolled, 72 completely: it keeps the gradient row too and spills).
+/// E = 64: 4 lanes × 16 four steps at a time both ways (forward 42–44 µs either way, backward 37
+/// vs 41 not unrolled and 46 completely), 2 × 32 far slower. E = 256: 32 lanes × 8. A thread per
+/// token pays no shuffles at all and wins for E ≤ 8 once T fills the GPU.
+/// A bound on the elements per lane (even without unrolling) lets the per-slot bookkeeping use
+/// bit masks.
 inline lanes_shape lanes_for(index_t rows, index_t cols, bool backward = false) {
-  if (cols <= 8) return rows >= 32768 ? lanes_shape{1, 8, true} : lanes_shape{8, 4, true};
-  if (cols <= 32) return {8, 4, true};
-  if (cols <= 64) return {4, 16, false};
-  if (cols <= 128) return {8, 16, !backward};
-  if (cols <= 256) return {32, 8, true};
-  return {32, 0, false};
+  if (cols <= 8) return rows >= 32768 ? lanes_shape{1, 8, 8} : lanes_shape{8, 4, 4};
+  if (cols <= 32) return {8, 4, 4};
+  if (cols <= 64) return {4, 16, 4};
+  if (cols <= 128) return {8, 16, backward ? 4 : 16};
+  if (cols <= 256) return {32, 8, 8};
+  return {32, 0, 1};
 }
 
-/// Threads per block and dynamic shared memory of a kernel with `bytes_per_group` of shared
-/// memory per token group; opts the kernel in to more than 48 KiB when one group needs it.
+/// Threads per block, dynamic shared memory and blocks of a kernel over `rows` tokens with
+/// `bytes_per_group` of shared memory per token group; opts the kernel in to more than 48 KiB
+/// when one group needs it.
 struct launch_shape {
   int threads;
   std::size_t shared;
+  unsigned blocks;
 };
 
 template <class Kernel>
-status shape_for(Kernel kernel, int width, std::size_t bytes_per_group, launch_shape& out) {
+status shape_for(Kernel kernel, int width, std::size_t bytes_per_group, index_t rows,
+                 launch_shape& out) {
   // Kernels declare at most a few KiB of static shared memory; keep the dynamic part below the
   // default 48 KiB limit minus that, or opt in to more.
   constexpr std::size_t default_limit = 40 * 1024, static_reserve = 8 * 1024;
@@ -162,31 +166,33 @@ status shape_for(Kernel kernel, int width, std::size_t bytes_per_group, launch_s
                                             static_cast<int>(shared)),
                        "cudaFuncSetAttribute(shared memory)");
   }
-  out = {threads, shared};
+  // One block per `threads / width` tokens (the kernels loop over tokens past 2^20 blocks). A
+  // grid capped at one wave of resident blocks, each group then routing several tokens, was
+  // measured on an H200 and not kept: 3–4% faster for SparseMixer midpoint's backward, 5–10%
+  // slower for heun3 top-2 in bf16 (tokens of uneven cost balance better over many blocks).
+  const index_t groups = threads / width;
+  const index_t needed = (rows + groups - 1) / groups;
+  const unsigned blocks =
+      static_cast<unsigned>(needed < (index_t(1) << 20) ? needed : (index_t(1) << 20));
+  out = {threads, shared, blocks};
   return status::ok();
 }
 
-inline unsigned grid_for(index_t rows, int threads, int width) {
-  const index_t groups = threads / width;
-  const index_t blocks = (rows + groups - 1) / groups;
-  return static_cast<unsigned>(blocks < (index_t(1) << 20) ? blocks : (index_t(1) << 20));
-}
-
 /// Calls launch(Lanes{}) with the warp_lanes type of the shape (one of lanes_for's; `Backward`:
-/// one of lanes_for(..., true)'s, so that backward kernels are not compiled for unused shapes).
+/// one of lanes_for(..., true)'s, so that each direction compiles only the kernels it launches).
 template <bool Backward = false, class Launch>
 void dispatch_shape(lanes_shape shape, Launch launch) {
-  const bool unrolled_16 = !Backward && shape.per_lane == 16 && shape.unroll;
   if (shape.width == 1) {
     launch(warp_lanes<1, 8>{});
   } else if (shape.width == 4) {
-    launch(warp_lanes<4, 16, false>{});
+    launch(warp_lanes<4, 16, 4>{});
   } else if (shape.width == 8 && shape.per_lane == 4) {
     launch(warp_lanes<8, 4>{});
   } else if (shape.width == 8) {
-    if constexpr (!Backward)
-      if (unrolled_16) return launch(warp_lanes<8, 16, true>{});
-    launch(warp_lanes<8, 16, false>{});
+    if constexpr (Backward)
+      launch(warp_lanes<8, 16, 4>{});
+    else
+      launch(warp_lanes<8, 16>{});
   } else if (shape.per_lane == 8) {
     launch(warp_lanes<32, 8>{});
   } else {
@@ -245,10 +251,10 @@ status run_forward(const routing_options& opt, device_view<TL, 2> logits,
     using L = decltype(policy);
     constexpr int W = L::width;
     shape_status =
-        detail::shape_for(detail::forward_kernel<Est, L, T, G>, W, group_bytes, fwd_shape);
+        detail::shape_for(detail::forward_kernel<Est, L, T, G>, W, group_bytes, rows, fwd_shape);
     if (shape_status.is_ok() && need > 0)
-      shape_status =
-          detail::shape_for(detail::loss_partials_kernel<Est, L, T>, W, group_bytes, loss_shape);
+      shape_status = detail::shape_for(detail::loss_partials_kernel<Est, L, T>, W, group_bytes, 0,
+                                       loss_shape);  // its grid: one block per 256 tokens
   });
   ROUTEGRAD_RETURN_IF_ERROR(shape_status);
 
@@ -302,10 +308,7 @@ status run_forward(const routing_options& opt, device_view<TL, 2> logits,
                                      reinterpret_cast<unsigned long long*>(stats.nonfinite_rows)};
   detail::dispatch_shape(lanes, [&](auto policy) {
     using L = decltype(policy);
-    constexpr int W = L::width;
-    detail::forward_kernel<Est, L>
-        <<<detail::grid_for(rows, fwd_shape.threads, W), fwd_shape.threads, fwd_shape.shared, s>>>(
-            a);
+    detail::forward_kernel<Est, L><<<fwd_shape.blocks, fwd_shape.threads, fwd_shape.shared, s>>>(a);
     if (need > 0)
       detail::loss_partials_kernel<Est, L>
           <<<static_cast<unsigned>(blocks), loss_shape.threads, loss_shape.shared, s>>>(
@@ -360,7 +363,7 @@ status run_backward(const routing_options& opt, device_view<TL, 2> logits,
     using L = decltype(policy);
     shape_status =
         detail::shape_for(detail::backward_kernel<Est, L, T, std::remove_const_t<GG>, GL>, L::width,
-                          group_bytes, shape);
+                          group_bytes, rows, shape);
   });
   ROUTEGRAD_RETURN_IF_ERROR(shape_status);
 
@@ -387,9 +390,8 @@ status run_backward(const routing_options& opt, device_view<TL, 2> logits,
                                                                 stats.expert_counts};
   detail::dispatch_shape</*Backward=*/true>(lanes, [&](auto policy) {
     using L = decltype(policy);
-    constexpr int W = L::width;
     detail::backward_kernel<Est, L, T, std::remove_const_t<GG>, GL>
-        <<<detail::grid_for(rows, shape.threads, W), shape.threads, shape.shared, exec.stream>>>(a);
+        <<<shape.blocks, shape.threads, shape.shared, exec.stream>>>(a);
   });
   ROUTEGRAD_CUDA_TRY(cudaGetLastError(), "backward kernel launch");
   return status::ok();

@@ -42,11 +42,19 @@ struct jitter_mask_test {
       kept_above = tau + delta;
     }
   }
-  ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE bool operator()(M z) const {
+  /// Whether quick() can decide any z at all (no: ε outside (0, ½), where every z is unsure).
+  ROUTEGRAD_HD bool has_quick() const { return masked_below > -math::infinity<M>(); }
+  /// The mask by the comparisons alone, branch-free: jitter_masked's answer for z outside τ ± δ;
+  /// for z inside it sets `unsure` (the caller then asks operator()).
+  ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE bool quick(M z, bool& unsure) const {
     const bool below = z < masked_below;
-    const bool above = z > kept_above;
-    if (below | above) return below & (z > -math::infinity<M>());  // as jitter_masked: −inf kept
-    return jitter_masked(z, m, two_eps);
+    unsure |= !(below | (z > kept_above));
+    return below & (z > -math::infinity<M>());  // as jitter_masked: −inf kept
+  }
+  ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE bool operator()(M z) const {
+    bool unsure = false;
+    const bool masked = quick(z, unsure);
+    return unsure ? jitter_masked(z, m, two_eps) : masked;
   }
 };
 
@@ -112,21 +120,42 @@ ROUTEGRAD_HD M sum_exp_clean(const Lanes& lanes, const Row& row, M m) {
 /// that follow (the inverse-CDF draw, the softmax Jacobian) read these instead of testing the mask
 /// and calling exp again. With `live`, also sets bit s of *live when this lane's element of step s
 /// (elements s·L .. s·L + L − 1) has a positive weight, for inverse_cdf (rows of ≤ 32 steps).
+///
+/// The pass decides each element with include.quick(i, z, unsure) — comparisons only, no branch
+/// (an element's division or any branch in the loop body would split the unrolled pass into one
+/// basic block per element, serialising its shared-memory and exp latencies). A lane with an
+/// element quick() could not decide (a logit within 2^-16 of the jitter-mask threshold: about
+/// one row in a thousand) redoes its elements with the exact include(i, z), so the result is
+/// always include's.
 template <class M, class Lanes, class Row, class Include>
 ROUTEGRAD_HD M candidate_weights(const Lanes& lanes, const Row& row, M m, Include include,
                                  M* weights, unsigned* live = nullptr) {
   M s = M(0);
   unsigned bits = 0;
-  const bool track = live != nullptr && lanes.steps(row.size()) <= 32;
+  const int n = row.size();
+  const bool track = live != nullptr && lanes.steps(n) <= 32;
   const unsigned L = static_cast<unsigned>(lanes.count());
-  lanes.each(row.size(), [&](int i) {
-    const M z = row.logit(i);
-    const M w = math::exp_where(z - m, [&] { return include(i, z); });
+  const auto put = [&](int i, M z, bool keep) {
+    const M w = math::exp_where(z - m, [keep] { return keep; });
     weights[i] = w;
     s += w;
     // (i − lane) / L is this element's step: folds to a constant in unrolled loops.
     if (track && w > M(0)) bits |= 1u << (static_cast<unsigned>(i - lanes.lane()) / L);
-  });
+  };
+  bool unsure = !include.has_quick();
+  if (!unsure)
+    lanes.each(n, [&](int i) {
+      const M z = row.logit(i);
+      put(i, z, include.quick(i, z, unsure));
+    });
+  if (unsure) {  // this lane's elements again, exactly (a plain loop: it rarely runs)
+    s = M(0);
+    bits = 0;
+    for (int i = lanes.lane(); i < n; i += lanes.count()) {
+      const M z = row.logit(i);
+      put(i, z, include(i, z));
+    }
+  }
   if (live) *live = bits;
   return lanes.sum(s);
 }

@@ -3,8 +3,9 @@
 // with J_D(i) = π_D (δ_iD − π_i) over slot j's candidate set, the softmax recomputed from the
 // logits. With renormalised gates, G_j first goes through the renormalisation's exact backward.
 //
-// Slots accessor: expert(j), coin(j), grad_gate(j). Grad accessor: add(i, v) and scale(i, f) on
-// the lane's own elements (the back end zeroes it before and stores it after).
+// Slots accessor: expert(j), coin(j), grad_gate(j). Grad accessor: set(i, v), add(i, v) and
+// scale(i, f) on the lane's own elements; token_backward sets every element before it adds to or
+// scales any (so the back end need not clear the row first) and the back end stores it after.
 #pragma once
 
 #include <type_traits>
@@ -65,8 +66,9 @@ ROUTEGRAD_HD slot_view<M> recompute_slot(const Lanes& lanes, const Row& row, con
   }
 }
 
-/// Adds token t's logit gradient into `grad`. Returns false (and adds nothing) for a row the
-/// forward could not route (SPEC §7). `weights` is E elements of scratch (lane-owned).
+/// Writes token t's logit gradient into `grad` (every element) and returns true; returns false,
+/// having written nothing, for a row the forward could not route (SPEC §7: its gradient is 0).
+/// `weights` is E elements of scratch (lane-owned).
 template <class Est, class M, class Lanes, class Row, class Slots, class Grad, class Fraction>
 ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots& slots, Grad& grad,
                                  M* weights, const token_params<M>& p,
@@ -99,6 +101,7 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
   }
 
   const M weight = static_cast<M>(Est::weight);
+  bool written = false;  // the first contribution sets the row, the later ones add to it
   for (int j = 0; j < p.k; ++j) {
     const view_t v = recompute_slot<Est, M, Lanes, Row, Slots>(lanes, row, slots, shared,
                                                                summary.top, two_eps, j, weights);
@@ -108,9 +111,16 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
     const M coef = weight * g * v.pi_chosen;
     const int d = static_cast<int>(slots.expert(j));
     const M coef_over_norm = coef / v.sm.norm;  // J_D(i) = π_D (δ_iD − w_i / norm)
-    lanes.each(row.size(),
-               [&](int i) { grad.add(i, (i == d ? coef : M(0)) - coef_over_norm * weights[i]); });
+    const auto jacobian = [&](int i) {
+      return (i == d ? coef : M(0)) - coef_over_norm * weights[i];
+    };
+    if (written)
+      lanes.each(row.size(), [&](int i) { grad.add(i, jacobian(i)); });
+    else
+      lanes.each(row.size(), [&](int i) { grad.set(i, jacobian(i)); });
+    written = true;
   }
+  if (!written) lanes.each(row.size(), [&](int i) { grad.set(i, M(0)); });
   if constexpr (Est::noisy) lanes.each(row.size(), [&](int i) { grad.scale(i, row.chain(i)); });
 
   if (aux.load_balance_scale != M(0) || aux.z_loss_scale != M(0)) {

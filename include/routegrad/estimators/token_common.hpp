@@ -104,6 +104,19 @@ struct slot_candidates {
     }
     return true;
   }
+  /// operator()'s answer by comparisons alone (candidate_weights): sets `unsure` for an element
+  /// the jitter mask's quick test cannot decide.
+  ROUTEGRAD_HD bool has_quick() const {
+    if constexpr (Est::per_slot_softmax && Est::jitter_mask) return masked.has_quick();
+    return true;
+  }
+  ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE bool quick(int i, M z, bool& unsure) const {
+    if constexpr (Est::per_slot_softmax) {
+      if constexpr (Est::jitter_mask) return !taken(i) & !masked.quick(z, unsure);
+      return !taken(i);
+    }
+    return true;
+  }
   /// For any element, the same answer on every lane.
   ROUTEGRAD_HD bool contains(int i) const {
     if constexpr (Est::per_slot_softmax) {
@@ -127,6 +140,11 @@ struct not_taken {
 struct any_expert {
   template <class M>
   ROUTEGRAD_HD bool operator()(int, M) const {
+    return true;
+  }
+  ROUTEGRAD_HD bool has_quick() const { return true; }
+  template <class M>
+  ROUTEGRAD_HD bool quick(int, M, bool&) const {
     return true;
   }
 };
