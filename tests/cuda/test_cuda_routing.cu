@@ -80,3 +80,45 @@ TEST_CASE("cuda routing fp32: rows of more than 32 steps per lane (E = 1500)") {
                                        921);
   check_case<topk_softmax, float>({123, 1500, 2, false, routing_mode::eval, false, 0.0, 0.0}, 922);
 }
+TEST_CASE("cuda routing: a gradient type wider than the logits' (float logits, double gradient)") {
+  // The gradient is computed in float either way: written as double it must be the float
+  // gradient exactly (a contiguous row whose output pieces are wider than the math type's).
+  using routegrad::test::gpu::device_buffer;
+  const index_t T = 1000, E = 64;
+  const int k = 2;
+  std::mt19937_64 gen(31);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> logits(static_cast<std::size_t>(T * E)),
+      grad_gates(static_cast<std::size_t>(T * k));
+  for (float& x : logits) x = normal(gen);
+  for (float& x : grad_gates) x = normal(gen);
+  device_buffer<float> d_logits(logits), d_grad_gates(grad_gates);
+  device_buffer<float> d_gates(std::vector<float>(grad_gates.size(), 0.0f));
+  device_buffer<std::int32_t> d_experts(std::vector<std::int32_t>(grad_gates.size(), -1));
+  device_buffer<std::uint8_t> d_coins(std::vector<std::uint8_t>(grad_gates.size(), 0));
+  device_buffer<float> d_grad_f(std::vector<float>(logits.size(), std::nanf("")));
+  device_buffer<double> d_grad_d(std::vector<double>(logits.size(), std::nan("")));
+  routing_options opt;
+  opt.k = k;
+  const device_view<const float, 2> z(d_logits.ptr, {T, E});
+  const cuda::device_routing_state state{device_view<std::int32_t, 2>(d_experts.ptr, {T, k}),
+                                         device_view<std::uint8_t, 2>(d_coins.ptr, {T, k}),
+                                         {5, 1, 0}};
+  const device_view<const float, 2> gg(d_grad_gates.ptr, {T, k});
+  REQUIRE(
+      route_forward<sparsemixer_heun3>(opt, z, state, device_view<float, 2>(d_gates.ptr, {T, k}))
+          .is_ok());
+  REQUIRE(route_backward<sparsemixer_heun3>(opt, z, state, gg,
+                                            device_view<float, 2>(d_grad_f.ptr, {T, E}))
+              .is_ok());
+  REQUIRE(route_backward<sparsemixer_heun3>(opt, z, state, gg,
+                                            device_view<double, 2>(d_grad_d.ptr, {T, E}))
+              .is_ok());
+  RG_CUDA_REQUIRE(cudaDeviceSynchronize());
+  const std::vector<float> as_float = d_grad_f.download();
+  const std::vector<double> as_double = d_grad_d.download();
+  std::size_t differ = 0;
+  for (std::size_t i = 0; i < as_float.size(); ++i)
+    differ += !(as_double[i] == static_cast<double>(as_float[i]));
+  CHECK(differ == 0);
+}

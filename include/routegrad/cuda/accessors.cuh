@@ -47,6 +47,7 @@ __device__ void load_row_pieces(const Lanes& lanes, const T* src, int n, M* dst)
 /// caller synchronises the group first.
 template <class Lanes, class T, class M>
 __device__ void store_row_pieces(const Lanes& lanes, const M* src, int n, T* dst, bool accumulate) {
+  static_assert(sizeof(T) <= sizeof(M), "a piece of T must come from whole 16-byte loads of M");
   constexpr int per_piece = 16 / static_cast<int>(sizeof(T));
   constexpr int loads = per_piece * static_cast<int>(sizeof(M)) / 16;
 #pragma unroll 4

@@ -176,13 +176,19 @@ __global__ void __launch_bounds__(256, min_resident_blocks)
       lanes.each(n, [&](int i) { scratch[i] = M(0); });
     GL* out = a.grad_logits + t * a.grad_stride0;
     const auto store = [&](GL& o, M g) { o = from_math<GL>(a.accumulate ? to_math<M>(o) + g : g); };
-    if (a.grad_stride1 == 1 && row_in_pieces<GL>(n, out, scratch)) {
-      lanes.sync();  // each lane stores pieces of elements other lanes computed
-      store_row_pieces(lanes, scratch, n, out, a.accumulate);
-    } else if (a.grad_stride1 == 1)
-      lanes.each(n, [&](int i) { store(out[i], scratch[i]); });
-    else
-      lanes.each(n, [&](int i) { store(out[i * a.grad_stride1], scratch[i]); });
+    bool stored = false;
+    if constexpr (sizeof(GL) <= sizeof(M))  // a piece of output from whole 16-byte loads
+      if (a.grad_stride1 == 1 && row_in_pieces<GL>(n, out, scratch)) {
+        lanes.sync();  // each lane stores pieces of elements other lanes computed
+        store_row_pieces(lanes, scratch, n, out, a.accumulate);
+        stored = true;
+      }
+    if (!stored) {
+      if (a.grad_stride1 == 1)
+        lanes.each(n, [&](int i) { store(out[i], scratch[i]); });
+      else
+        lanes.each(n, [&](int i) { store(out[i * a.grad_stride1], scratch[i]); });
+    }
   }
 }
 
