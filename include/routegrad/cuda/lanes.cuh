@@ -101,7 +101,9 @@ struct warp_lanes {
   __device__ row_extreme<M> argmax(row_extreme<M> x) const {
     if constexpr (Width == 1) {
       return x;
-    } else if constexpr (std::is_same_v<M, float> && has_redux) {
+    }
+#if ROUTEGRAD_WARP_REDUX
+    else if constexpr (std::is_same_v<M, float> && has_redux) {
       // Integer reductions (one REDUX instruction each) instead of a butterfly of value and
       // index shuffles: the largest order-preserving key, then the lowest index holding it, then
       // the value from the lane that owns that index (so −0 and +0 come back as they were; they
@@ -112,7 +114,9 @@ struct warp_lanes {
           __reduce_min_sync(mask, order_key(x.value + 0.0f) == top ? x.index : 0x7FFFFFFF);
       const float value = __shfl_sync(mask, x.value, index & (Width - 1), Width);
       return {value, index};
-    } else {
+    }
+#endif
+    else {
 #pragma unroll
       for (int d = Width / 2; d > 0; d /= 2) {
         const row_extreme<M> o{__shfl_xor_sync(mask, x.value, d, Width),
