@@ -110,3 +110,54 @@ TEST_CASE("jitter mask: the one-comparison form equals the quotient test (float)
 TEST_CASE("jitter mask: the one-comparison form equals the quotient test (double)") {
   check_equivalence<double>();
 }
+
+TEST_CASE("jitter mask: candidate_weights redoes a row the quick test cannot decide") {
+  // A row holding a logit just below the threshold τ — inside the band, where quick() answers
+  // "kept" but the quotient test masks it — must come out as the quotient test says: weights,
+  // their sum and the live-step bits. 2ε = 0 has no quick test at all (every logit exact).
+  using M = float;
+  using Row = staged_row<M, false>;
+  std::mt19937_64 gen(9);
+  std::uniform_real_distribution<M> below(-4.0f, 0.0f);
+  for (const M two_eps : {M(0.2), M(0.02), M(0)}) {
+    const M m = 3.0f;
+    const jitter_mask_test<M> test(m, two_eps);
+    std::vector<M> z = {m};
+    for (int s = 0; s < 18; ++s) z.push_back(m + below(gen));
+    int band = 0, redone = 0;
+    if (test.has_quick()) {
+      // The largest logit under τ that the quotient test masks: inside the band by construction.
+      M x = m * (M(1) - two_eps);
+      while (!jitter_masked(x, m, two_eps)) x = std::nextafter(x, -INFINITY);
+      bool unsure = false;
+      const bool guess = test.quick(x, unsure);
+      band += unsure;
+      redone += unsure && guess != jitter_masked(x, m, two_eps);
+      z.push_back(x);
+    }
+    const int n = static_cast<int>(z.size());
+    const Row row{z.data(), n, nullptr};
+    const nothing_taken taken;
+    const slot_candidates<sparsemixer_midpoint, M, Row, nothing_taken> candidate{row, taken, m,
+                                                                                 two_eps};
+    std::vector<M> weights(z.size(), M(-1));
+    unsigned live = 0;
+    const M sum = candidate_weights(serial_lanes{}, row, m, candidate, weights.data(), &live);
+    M expect_sum = M(0);
+    unsigned expect_live = 0;
+    for (int i = 0; i < n; ++i) {
+      const M w = jitter_masked(z[i], m, two_eps) ? M(0) : math::exp_fast(z[i] - m);
+      CHECK(weights[static_cast<std::size_t>(i)] == w);
+      expect_sum += w;
+      if (w > M(0)) expect_live |= 1u << i;
+    }
+    CHECK(sum == expect_sum);
+    CHECK(live == expect_live);
+    if (test.has_quick()) {
+      CHECK(band == 1);
+      CHECK(redone == 1);  // quick() alone would have kept that logit
+    } else {
+      CHECK(two_eps == M(0));
+    }
+  }
+}

@@ -102,34 +102,29 @@ status check_logits_and_state(const device_view<TL, 2>& logits,
   return check_device_pointer(counts, "stats.expert_counts: not device memory");
 }
 
-/// How a launch spreads a token over lanes: `width` lanes per token, rows of at most
-/// width · per_lane elements (per_lane 0: any E), and how many of a lane's steps each row loop
-/// runs per iteration (warp_lanes' Unroll: per_lane = completely, 1 = a plain loop).
+/// How a launch spreads a token over lanes: `width` lanes per token and rows of at most
+/// width · per_lane elements (per_lane 0: any E). How far the row loops unroll is part of the
+/// warp_lanes type dispatch_shape picks for it.
 struct lanes_shape {
   int width;
   int per_lane;
-  int unroll;
 };
 
 /// The shape for a batch. Each reduction across a token's lanes costs a chain of shuffles that
 /// every lane of the warp executes, so few lanes per token (more tokens per warp) run fewer
 /// instructions per element; too few lanes leave long per-lane loops and little parallelism.
 /// Measured on an H200 (kernels launched directly, fp32, T = 131072; docs/performance.md):
-/// E = 128: 8 lanes × 16 beat 4 × 32 and 16 × 8; the forward unrolled completely (SparseMixer
-/// midpoint 62 µs vs 64–65 partly, 72 not at all), the backward four steps at a time (61.5 µs vs
-/// 63 by eight, 68 not unrolled, 72 completely: it keeps the gradient row too and spills).
-/// E = 64: 4 lanes × 16 four steps at a time both ways (forward 42–44 µs either way, backward 37
-/// vs 41 not unrolled and 46 completely), 2 × 32 far slower. E = 256: 32 lanes × 8. A thread per
-/// token pays no shuffles at all and wins for E ≤ 8 once T fills the GPU.
-/// A bound on the elements per lane (even without unrolling) lets the per-slot bookkeeping use
-/// bit masks.
-inline lanes_shape lanes_for(index_t rows, index_t cols, bool backward = false) {
-  if (cols <= 8) return rows >= 32768 ? lanes_shape{1, 8, 8} : lanes_shape{8, 4, 4};
-  if (cols <= 32) return {8, 4, 4};
-  if (cols <= 64) return {4, 16, 4};
-  if (cols <= 128) return {8, 16, backward ? 4 : 16};
-  if (cols <= 256) return {32, 8, 8};
-  return {32, 0, 1};
+/// E = 128: 8 lanes × 16 beat 4 × 32 and 16 × 8; E = 64: 4 lanes × 16, 2 × 32 far slower;
+/// E = 256: 32 lanes × 8. A thread per token pays no shuffles at all and wins for E ≤ 8 once T
+/// fills the GPU. A bound on the elements per lane (even without unrolling) lets the per-slot
+/// bookkeeping use bit masks.
+inline lanes_shape lanes_for(index_t rows, index_t cols) {
+  if (cols <= 8) return rows >= 32768 ? lanes_shape{1, 8} : lanes_shape{8, 4};
+  if (cols <= 32) return {8, 4};
+  if (cols <= 64) return {4, 16};
+  if (cols <= 128) return {8, 16};
+  if (cols <= 256) return {32, 8};
+  return {32, 0};
 }
 
 /// Threads per block, dynamic shared memory and blocks of a kernel over `rows` tokens with
@@ -178,8 +173,13 @@ status shape_for(Kernel kernel, int width, std::size_t bytes_per_group, index_t 
   return status::ok();
 }
 
-/// Calls launch(Lanes{}) with the warp_lanes type of the shape (one of lanes_for's; `Backward`:
-/// one of lanes_for(..., true)'s, so that each direction compiles only the kernels it launches).
+/// Calls launch(Lanes{}) with the warp_lanes type of a lanes_for shape. `Backward` picks the
+/// backward kernels' unrolling where it differs from the forward's (so that each direction
+/// compiles only the kernels it launches). Measured with the shapes (H200, SparseMixer midpoint):
+/// E ≤ 64, 4 × 16: four steps per loop iteration both ways (backward 37 µs vs 41 not unrolled
+/// and 46 completely; forward 42–44 either way); E ≤ 128, 8 × 16: the forward unrolled
+/// completely (62 µs vs 64–65 partly, 72 not at all), the backward four steps at a time (61.5 µs
+/// vs 63 by eight, 68 not unrolled, 72 completely: it keeps the gradient row too and spills).
 template <bool Backward = false, class Launch>
 void dispatch_shape(lanes_shape shape, Launch launch) {
   if (shape.width == 1) {
@@ -189,10 +189,7 @@ void dispatch_shape(lanes_shape shape, Launch launch) {
   } else if (shape.width == 8 && shape.per_lane == 4) {
     launch(warp_lanes<8, 4>{});
   } else if (shape.width == 8) {
-    if constexpr (Backward)
-      launch(warp_lanes<8, 16, 4>{});
-    else
-      launch(warp_lanes<8, 16>{});
+    launch(warp_lanes < 8, 16, Backward ? 4 : 16 > {});
   } else if (shape.per_lane == 8) {
     launch(warp_lanes<32, 8>{});
   } else {
@@ -354,7 +351,7 @@ status run_backward(const routing_options& opt, device_view<TL, 2> logits,
   if (rows == 0) return status::ok();
 
   // Shared memory per token group: the staged row (+ jitter) and the gradient row.
-  const detail::lanes_shape lanes = detail::lanes_for(rows, cols, /*backward=*/true);
+  const detail::lanes_shape lanes = detail::lanes_for(rows, cols);
   const std::size_t group_bytes =
       detail::group_bytes<M>(cols, detail::shared_rows<Est, M>(true), lanes.width);
   detail::launch_shape shape{};

@@ -164,11 +164,11 @@ ROUTEGRAD_HD M candidate_weights(const Lanes& lanes, const Row& row, M m, Includ
 /// weights exceeds `target` (= u · Σ w, u in (0,1)). If rounding leaves the target unreached, the
 /// last entry with positive weight is taken. Needs one uniform, not one per expert. The running
 /// sum adds the positive weights one at a time in index order — every lane does it, reading the
-/// weights from the row, so every back end sums in the same order. `live`: this lane's bits from
-/// candidate_weights, or null to find them here.
+/// weights from the row, so every back end sums in the same order. `live_bits`: this lane's bits
+/// from candidate_weights (unused for rows of more than 32 steps, which scan every step).
 template <class M, class Lanes>
 ROUTEGRAD_HD int inverse_cdf(const Lanes& lanes, const M* weights, int n, M target,
-                             const unsigned* live_bits = nullptr) {
+                             unsigned live_bits) {
   const int L = lanes.count();
   M running = M(0);
   int last_positive = -1;
@@ -189,15 +189,7 @@ ROUTEGRAD_HD int inverse_cdf(const Lanes& lanes, const M* weights, int n, M targ
   };
   const auto draw = [&] {
     if (lanes.steps(n) <= 32) {
-      unsigned live = 0;
-      if (live_bits)
-        live = *live_bits;
-      else
-        lanes.each(n, [&](int i) {
-          if (weights[i] > M(0))
-            live |= 1u << (static_cast<unsigned>(i) / static_cast<unsigned>(L));
-        });
-      for (live = lanes.bit_or(live); live != 0; live &= live - 1) {
+      for (unsigned live = lanes.bit_or(live_bits); live != 0; live &= live - 1) {
         const int hit = scan_step(math::lowest_bit(live));
         if (hit >= 0) return hit;
       }

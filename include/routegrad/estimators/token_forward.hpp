@@ -61,7 +61,7 @@ ROUTEGRAD_HD token_outcome token_forward(const Lanes& lanes, const Row& row, Slo
         const philox4x32 b = rng.block(static_cast<std::uint64_t>(t), rng_purpose::slot,
                                        static_cast<std::uint32_t>(j));
         const M target = static_cast<M>(uniform_open01(b.v[0])) * sm.norm;
-        chosen = inverse_cdf(lanes, weights, row.size(), target, &live);
+        chosen = inverse_cdf(lanes, weights, row.size(), target, live);
         if (chosen != top.index)
           coin = draw_coin<typename Est::rule>(static_cast<M>(uniform_open01(b.v[1])));
       }
