@@ -162,13 +162,25 @@ void BM_copy_floor(benchmark::State& state) {
 
 void sizes(benchmark::internal::Benchmark* b) {
   b->UseManualTime()->Unit(benchmark::kMicrosecond);
-  for (auto te :
-       {std::pair<int, int>{4096, 8}, {32768, 8}, {32768, 64}, {131072, 64}, {131072, 128}})
+  for (auto te : {std::pair<int, int>{4096, 8},
+                  {32768, 8},
+                  {32768, 16},
+                  {131072, 16},
+                  {32768, 32},
+                  {131072, 32},
+                  {32768, 64},
+                  {131072, 64},
+                  {131072, 128}})
     b->Args({te.first, te.second, 1});
 }
-void sizes_top2(benchmark::internal::Benchmark* b) {
+void sizes_top2(benchmark::internal::Benchmark* b) {  // 16 experts top-2: PhiMoE / GRIN
   b->UseManualTime()->Unit(benchmark::kMicrosecond);
-  for (auto te : {std::pair<int, int>{4096, 8}, {32768, 64}, {131072, 64}, {131072, 128}})
+  for (auto te : {std::pair<int, int>{4096, 8},
+                  {32768, 16},
+                  {131072, 16},
+                  {32768, 64},
+                  {131072, 64},
+                  {131072, 128}})
     b->Args({te.first, te.second, 2});
 }
 

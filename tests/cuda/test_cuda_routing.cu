@@ -1,6 +1,6 @@
 // The CUDA routing entry points against the double-precision SPEC reference and the CPU back end:
 // every estimator, k in {1, 2, 4}, E in {1, 7, 8, 64, 100, 128, 256, 1000}, T not a multiple of
-// any block size (and T ≥ 32768 for the thread-per-token shape), contiguous and strided, fp32
+// any block size (and every launch shape lanes_for picks), contiguous and strided, fp32
 // here (bf16 / fp16 in test_cuda_routing_lowp.cu).
 #include "routing_check.cuh"
 
@@ -49,15 +49,54 @@ TEST_CASE("cuda routing fp64: sparsemixer midpoint and topk_softmax") {
   sweep<sparsemixer_midpoint, double>(600, false);
   sweep<topk_softmax, double>(700, false);
 }
-TEST_CASE("cuda routing fp32: large batches with few experts (one thread per token)") {
-  // From T = 32768 on, E ≤ 8 runs a thread per token (cuda/routing.cuh, lanes_for): its own
-  // launch shape, bound checks and shared-memory layout.
-  check_case<sparsemixer_midpoint, float>(
-      {40001, 8, 2, false, routing_mode::train, false, 0.05, 0.002}, 900);
-  check_case<sparsemixer_heun3, float>({33333, 7, 1, true, routing_mode::train, true, 0.0, 0.0},
-                                       901);
-  check_case<switch_router, float>({32769, 8, 4, true, routing_mode::train, false, 0.01, 0.0}, 902);
-  check_case<topk_softmax, float>({32770, 1, 1, false, routing_mode::eval, false, 0.0, 0.001}, 903);
+TEST_CASE("cuda routing fp32: every launch shape") {
+  // lanes_for (cuda/routing.cuh) picks the lanes per token by E and T; each shape is its own
+  // kernel (bound checks, unrolling, shared-memory layout). One batch per shape, sized just past
+  // the T thresholds, with the estimators, k and options rotating.
+  struct shape_case {
+    index_t rows, cols;
+    cuda::detail::lanes_shape expected;
+  };
+  const shape_case cases[] = {
+      {777, 7, {8, 1}},    {12289, 8, {4, 2}},  {49153, 7, {2, 4}},   {98305, 8, {1, 8}},
+      {777, 16, {8, 2}},   {12289, 13, {4, 4}}, {49153, 16, {2, 8}},  {777, 20, {8, 4}},
+      {12289, 32, {4, 8}}, {777, 64, {8, 8}},   {12289, 50, {4, 16}}, {777, 128, {8, 16}},
+      {777, 256, {32, 8}}, {300, 257, {32, 0}},
+  };
+  std::uint64_t seed = 930;
+  for (const shape_case& c : cases) {
+    const cuda::detail::lanes_shape got = cuda::detail::lanes_for(c.rows, c.cols);
+    CAPTURE(c.rows);
+    CAPTURE(c.cols);
+    CHECK(got.width == c.expected.width);
+    CHECK(got.per_lane == c.expected.per_lane);
+    const int k = static_cast<int>(seed % 3 == 0 ? 1 : seed % 3 == 1 ? 2 : 4);
+    const bool strided = (seed & 1) != 0;
+    const routing_mode mode = seed % 5 == 4 ? routing_mode::eval : routing_mode::train;
+    const double alpha = seed % 2 == 0 ? 0.05 : 0.0, beta = seed % 3 == 0 ? 0.002 : 0.0;
+    switch (seed % 5) {
+      case 0:
+        check_case<sparsemixer_midpoint, float>(
+            {c.rows, c.cols, k, strided, mode, false, alpha, beta}, seed);
+        break;
+      case 1:
+        check_case<sparsemixer_heun3, float>({c.rows, c.cols, k, strided, mode, true, alpha, beta},
+                                             seed);
+        break;
+      case 2:
+        check_case<switch_router, float>({c.rows, c.cols, k, strided, mode, false, alpha, beta},
+                                         seed);
+        break;
+      case 3:
+        check_case<sparsemixer_euler, float>({c.rows, c.cols, k, strided, mode, false, alpha, beta},
+                                             seed);
+        break;
+      default:
+        check_case<topk_softmax, float>({c.rows, c.cols, k, strided, mode, true, alpha, beta},
+                                        seed);
+    }
+    ++seed;
+  }
 }
 TEST_CASE("cuda routing fp32: k beyond the slots kept in registers") {
   // The kernels keep the first cuda::detail::register_slots choices of a token in registers and

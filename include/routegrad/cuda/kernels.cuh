@@ -9,6 +9,7 @@
 #include "../estimators/token_forward.hpp"
 #include "../routing/options.hpp"
 #include "accessors.cuh"
+#include "dependent_launch.cuh"
 #include "lanes.cuh"
 
 namespace routegrad::cuda::detail {
@@ -81,6 +82,7 @@ __device__ token_params<M> params_of(const routing_options& opt) {
 template <class Est, class Lanes, class T, class G>
 __global__ void __launch_bounds__(256, min_resident_blocks)
     forward_kernel(const forward_args<T, G> a) {
+  wait_for_prior_grids();  // launched as a dependent launch (dependent_launch.cuh)
   using M = math_t<T>;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   constexpr int Width = Lanes::count();
@@ -139,6 +141,7 @@ struct backward_args {
 template <class Est, class Lanes, class T, class GG, class GL>
 __global__ void __launch_bounds__(256, min_resident_blocks)
     backward_kernel(const backward_args<T, GG, GL> a) {
+  wait_for_prior_grids();  // launched as a dependent launch (dependent_launch.cuh)
   using M = math_t<T>;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   constexpr int Width = Lanes::count();

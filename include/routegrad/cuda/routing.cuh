@@ -112,16 +112,27 @@ struct lanes_shape {
 
 /// The shape for a batch. Each reduction across a token's lanes costs a chain of shuffles that
 /// every lane of the warp executes, so few lanes per token (more tokens per warp) run fewer
-/// instructions per element; too few lanes leave long per-lane loops and little parallelism.
-/// Measured on an H200 (kernels launched directly, fp32, T = 131072; docs/performance.md):
-/// E = 128: 8 lanes × 16 beat 4 × 32 and 16 × 8; E = 64: 4 lanes × 16, 2 × 32 far slower;
-/// E = 256: 32 lanes × 8. A thread per token pays no shuffles at all and wins for E ≤ 8 once T
-/// fills the GPU. A bound on the elements per lane (even without unrolling) lets the per-slot
-/// bookkeeping use bit masks.
+/// instructions per element; too few lanes leave long per-lane loops and, in small batches, a
+/// long chain per token on a GPU that is mostly idle. So small batches spread a token over more
+/// lanes and large ones over fewer. Measured on an H200 (kernels launched directly, fp32, forward +
+/// backward replayed from a graph; docs/performance.md, "Run 5"): E ≤ 8: 8 lanes up to
+/// T ≈ 8192, 4 at 16384–32768, 2 at 65536, 1 at 131072 (T = 32768: 12.8 µs vs 14.0 for a thread
+/// per token; T = 4096: 9.2 vs 9.7 for 8 lanes × 4 steps); E ≤ 16: 8, then 4, then 2 (T = 131072:
+/// 35 µs vs 62 for 8 × 4); E ≤ 32: 8 × 4 at T = 4096, 4 × 8 from 16384 on (131072: 47 µs vs 65);
+/// E ≤ 64: 8 × 8 at T = 4096 (11.9 µs vs 13.2), 4 × 16 beyond; E = 128: 8 × 16 (beat 4 × 32 and
+/// 16 × 8); E = 256: 32 × 8. A bound on the elements per lane (even without unrolling) lets the
+/// per-slot bookkeeping use bit masks.
 inline lanes_shape lanes_for(index_t rows, index_t cols) {
-  if (cols <= 8) return rows >= 32768 ? lanes_shape{1, 8} : lanes_shape{8, 4};
-  if (cols <= 32) return {8, 4};
-  if (cols <= 64) return {4, 16};
+  constexpr index_t small = 12288, medium = 49152, large = 98304;  // tokens
+  if (cols <= 8)
+    return rows < small    ? lanes_shape{8, 1}
+           : rows < medium ? lanes_shape{4, 2}
+           : rows < large  ? lanes_shape{2, 4}
+                           : lanes_shape{1, 8};
+  if (cols <= 16)
+    return rows < small ? lanes_shape{8, 2} : rows < medium ? lanes_shape{4, 4} : lanes_shape{2, 8};
+  if (cols <= 32) return rows < small ? lanes_shape{8, 4} : lanes_shape{4, 8};
+  if (cols <= 64) return rows < small ? lanes_shape{8, 8} : lanes_shape{4, 16};
   if (cols <= 128) return {8, 16};
   if (cols <= 256) return {32, 8};
   return {32, 0};
@@ -175,24 +186,45 @@ status shape_for(Kernel kernel, int width, std::size_t bytes_per_group, index_t 
 
 /// Calls launch(Lanes{}) with the warp_lanes type of a lanes_for shape. `Backward` picks the
 /// backward kernels' unrolling where it differs from the forward's (so that each direction
-/// compiles only the kernels it launches). Measured with the shapes (H200, SparseMixer midpoint):
-/// E ≤ 64, 4 × 16: four steps per loop iteration both ways (backward 37 µs vs 41 not unrolled
-/// and 46 completely; forward 42–44 either way); E ≤ 128, 8 × 16: the forward unrolled
-/// completely (62 µs vs 64–65 partly, 72 not at all), the backward four steps at a time (61.5 µs
-/// vs 63 by eight, 68 not unrolled, 72 completely: it keeps the gradient row too and spills).
+/// compiles only the kernels it launches); rows of up to 16 elements per lane unroll completely.
+/// Measured with the shapes (H200, SparseMixer midpoint): 4 × 16 (E ≤ 64): four steps per loop
+/// iteration both ways (backward 37 µs vs 41 not unrolled and 46 completely; forward 42–44
+/// either way); 8 × 16 (E ≤ 128): the forward unrolled completely (62 µs vs 64–65 partly, 72 not
+/// at all), the backward four steps at a time (61.5 µs vs 63 by eight, 68 not unrolled, 72
+/// completely: it keeps the gradient row too and spills); 4 × 8 (E ≤ 32, T = 131072): forward
+/// completely (24.4 µs vs 25.4), backward four steps (24.3 vs 28.4).
 template <bool Backward = false, class Launch>
 void dispatch_shape(lanes_shape shape, Launch launch) {
-  if (shape.width == 1) {
+  const auto is = [shape](int width, int per_lane) {
+    return shape.width == width && shape.per_lane == per_lane;
+  };
+  if (is(8, 1)) {
+    launch(warp_lanes<8, 1>{});
+  } else if (is(4, 2)) {
+    launch(warp_lanes<4, 2>{});
+  } else if (is(2, 4)) {
+    launch(warp_lanes<2, 4>{});
+  } else if (is(1, 8)) {
     launch(warp_lanes<1, 8>{});
-  } else if (shape.width == 4) {
-    launch(warp_lanes<4, 16, 4>{});
-  } else if (shape.width == 8 && shape.per_lane == 4) {
+  } else if (is(8, 2)) {
+    launch(warp_lanes<8, 2>{});
+  } else if (is(4, 4)) {
+    launch(warp_lanes<4, 4>{});
+  } else if (is(2, 8)) {
+    launch(warp_lanes<2, 8>{});
+  } else if (is(8, 4)) {
     launch(warp_lanes<8, 4>{});
-  } else if (shape.width == 8) {
+  } else if (is(4, 8)) {
+    launch(warp_lanes < 4, 8, Backward ? 4 : 8 > {});
+  } else if (is(8, 8)) {
+    launch(warp_lanes<8, 8>{});
+  } else if (is(4, 16)) {
+    launch(warp_lanes<4, 16, 4>{});
+  } else if (is(8, 16)) {
     launch(warp_lanes < 8, 16, Backward ? 4 : 16 > {});
-  } else if (shape.per_lane == 8) {
+  } else if (is(32, 8)) {
     launch(warp_lanes<32, 8>{});
-  } else {
+  } else {  // any E
     launch(warp_lanes<32>{});
   }
 }
@@ -303,15 +335,19 @@ status run_forward(const routing_options& opt, device_view<TL, 2> logits,
                                      state.rng,
                                      reinterpret_cast<unsigned long long*>(counts),
                                      reinterpret_cast<unsigned long long*>(stats.nonfinite_rows)};
+  status launched = status::ok();
   detail::dispatch_shape(lanes, [&](auto policy) {
     using L = decltype(policy);
-    detail::forward_kernel<Est, L><<<fwd_shape.blocks, fwd_shape.threads, fwd_shape.shared, s>>>(a);
-    if (need > 0)
+    launched = detail::launch_dependent(detail::forward_kernel<Est, L, T, G>, fwd_shape.blocks,
+                                        fwd_shape.threads, fwd_shape.shared, s,
+                                        "forward kernel launch", a);
+    if (launched.is_ok() && need > 0)
       detail::loss_partials_kernel<Est, L>
           <<<static_cast<unsigned>(blocks), loss_shape.threads, loss_shape.shared, s>>>(
               logits.data_handle(), rows, cols, logits.stride(0), logits.stride(1), opt, state.rng,
               static_cast<double*>(workspace));
   });
+  ROUTEGRAD_RETURN_IF_ERROR(launched);
   ROUTEGRAD_CUDA_TRY(cudaGetLastError(), "forward kernel launch");
   if (need > 0) {
     detail::loss_finish_kernel<><<<1, 256, 0, s>>>(
@@ -385,13 +421,14 @@ status run_backward(const routing_options& opt, device_view<TL, 2> logits,
                                                                 opt,
                                                                 state.rng,
                                                                 stats.expert_counts};
+  status launched = status::ok();
   detail::dispatch_shape</*Backward=*/true>(lanes, [&](auto policy) {
     using L = decltype(policy);
-    detail::backward_kernel<Est, L, T, std::remove_const_t<GG>, GL>
-        <<<shape.blocks, shape.threads, shape.shared, exec.stream>>>(a);
+    launched = detail::launch_dependent(
+        detail::backward_kernel<Est, L, T, std::remove_const_t<GG>, GL>, shape.blocks,
+        shape.threads, shape.shared, exec.stream, "backward kernel launch", a);
   });
-  ROUTEGRAD_CUDA_TRY(cudaGetLastError(), "backward kernel launch");
-  return status::ok();
+  return launched;
 }
 
 }  // namespace routegrad::cuda
