@@ -140,6 +140,7 @@ struct routing_batch {
   double z_loss = 0.0;
   std::int64_t nonfinite_rows = 0;
   rng_stream rng{};
+  const std::uint64_t* offset_counter = nullptr;
   bool with_coins = true;
 
   routing_batch() = default;
@@ -163,6 +164,7 @@ struct routing_batch {
     s.experts = host_matrix(experts.data(), rows, k);
     if (with_coins) s.coins = host_matrix(coins.data(), rows, k);
     s.rng = rng;
+    s.offset_counter = offset_counter;
     return s;
   }
   host_routing_stats stats() {

@@ -213,6 +213,38 @@ TEST_CASE("reproducibility: a different offset or seed changes the choices") {
   check_changes(estimator_tag<switch_router>{}, 1.0, 1.01);
 }
 
+TEST_CASE("reproducibility: an offset counter adds its value to rng.offset") {
+  // routing_state::offset_counter (host memory on the CPU): offset 5 with a counter holding 7
+  // draws exactly what offset 12 draws, forward and backward (Switch's backward redraws its noise).
+  const index_t rows = 1500, E = 8;
+  for_each_estimator([&](auto tag) {
+    using Est = typename decltype(tag)::type;
+    INFO(estimator_name<Est>());
+    const routing_options opt = train_options(2, 0.1);
+    routing_batch<float> counted(batch_logits<float>(5, rows, E, 1.0, 1.05), rows, E, 2);
+    routing_batch<float> plain = counted, uncounted = counted;
+    const std::uint64_t counter = 7;
+    counted.rng = uncounted.rng = rng_stream{0xC0FFEEull, 5, 0};
+    counted.offset_counter = &counter;
+    plain.rng = rng_stream{0xC0FFEEull, 12, 0};
+    for (routing_batch<float>* b : {&counted, &plain, &uncounted}) {
+      REQUIRE(b->forward<Est>(opt).is_ok());
+      REQUIRE(b->backward<Est>(opt).is_ok());
+    }
+    check_same(routing_result<float>::of(counted), routing_result<float>::of(plain));
+    if (Est::sampled || Est::noisy)  // the counter did move the draws
+      CHECK(fraction_differing(counted.experts, uncounted.experts) > 0.05);
+  });
+  // A counter that is not 8-byte aligned is rejected before anything is written.
+  alignas(8) unsigned char raw[16] = {};
+  routing_batch<float> b(batch_logits<float>(5, 10, E, 1.0, 2.0), 10, E, 1);
+  b.offset_counter = reinterpret_cast<const std::uint64_t*>(raw + 4);
+  const status s = b.forward<sparsemixer_midpoint>(train_options(1, 0.1));
+  CHECK(s.code() == status_code::misaligned);
+  CHECK(names_argument(s.message(), "state.offset_counter"));
+  for (std::int32_t e : b.experts) CHECK(e == -7);
+}
+
 TEST_CASE("reproducibility: a batch split into calls with first_token matches one call") {
   const index_t rows = 1000, E = 9;
   const std::uint64_t base_token = 5000;

@@ -145,6 +145,7 @@ status run_forward(const routing_options& opt, host_view<TL, 2> logits,
                    const host_routing_state& state, host_view<G, 2> gates,
                    const host_routing_stats& stats = {}, const execution& exec = {}) {
   ROUTEGRAD_RETURN_IF_ERROR(validation::check_forward<Est>(opt, logits, state, gates));
+  const rng_stream rng = rng_with_counter(state.rng, state.offset_counter);
   using T = std::remove_const_t<TL>;
   using M = math_t<T>;
   const index_t rows = logits.extent(0), n = logits.extent(1);
@@ -163,7 +164,7 @@ status run_forward(const routing_options& opt, host_view<TL, 2> logits,
     std::int64_t bad = 0;
     double lse2 = 0.0;
     for (index_t t = t0; t < t1; ++t) {
-      const auto row = detail::stage_row<Est>(opt, state.rng, logits, t, scratch);
+      const auto row = detail::stage_row<Est>(opt, rng, logits, t, scratch);
       detail::forward_slots<G, M> slots{state.experts.data_handle() + t * state.experts.stride(0),
                                         state.experts.stride(1),
                                         state.coins.data_handle()
@@ -173,7 +174,7 @@ status run_forward(const routing_options& opt, host_view<TL, 2> logits,
                                         gates.data_handle() + t * gates.stride(0),
                                         gates.stride(1)};
       const token_outcome outcome =
-          token_forward<Est, M>(serial_lanes{}, row, slots, scratch + 2 * n, params, state.rng, t);
+          token_forward<Est, M>(serial_lanes{}, row, slots, scratch + 2 * n, params, rng, t);
       if (!outcome.complete) ++bad;
       if (!outcome.routable) continue;  // left out of the counts and the loss sums
       if (want_counts)
@@ -238,6 +239,7 @@ status run_backward(const routing_options& opt, host_view<TL, 2> logits,
                     const host_routing_stats& stats = {}, const execution& exec = {}) {
   ROUTEGRAD_RETURN_IF_ERROR(
       validation::check_backward<Est>(opt, logits, state, grad_gates, grad_logits, stats));
+  const rng_stream rng = rng_with_counter(state.rng, state.offset_counter);
   using T = std::remove_const_t<TL>;
   using M = math_t<T>;
   const index_t rows = logits.extent(0), n = logits.extent(1);
@@ -261,7 +263,7 @@ status run_backward(const routing_options& opt, host_view<TL, 2> logits,
   detail::for_each_block<M>(rows, exec, 4 * n, [&](index_t t0, index_t t1, index_t, M* scratch) {
     M* grad = scratch + 2 * n;
     for (index_t t = t0; t < t1; ++t) {
-      const auto row = detail::stage_row<Est>(opt, state.rng, logits, t, scratch);
+      const auto row = detail::stage_row<Est>(opt, rng, logits, t, scratch);
       const detail::backward_slots<std::remove_const_t<GG>> slots{
           state.experts.data_handle() + t * state.experts.stride(0),
           state.experts.stride(1),

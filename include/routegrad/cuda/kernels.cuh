@@ -39,6 +39,7 @@ struct forward_args {
   index_t gate_stride0, gate_stride1;
   routing_options opt;
   rng_stream rng;
+  const std::uint64_t* offset_counter;  // state.offset_counter, may be null
   unsigned long long* counts;     // stats.expert_counts (as unsigned for atomicAdd), may be null
   unsigned long long* nonfinite;  // stats.nonfinite_rows, may be null
 };
@@ -90,12 +91,13 @@ __global__ void __launch_bounds__(256, min_resident_blocks)
   const index_t groups = blockDim.x / Width;
   const index_t stride = static_cast<index_t>(gridDim.x) * groups;
   const token_params<M> params = params_of<M>(a.opt);
+  const rng_stream rng = rng_with_counter(a.rng, a.offset_counter);
   const int n = static_cast<int>(a.cols);
   M* values = group_shared<M, Width>(shared_bytes, n, shared_rows<Est, M>(false));
   const M noise_eps = noise_eps_of<Est, M>(a.opt);
   for (index_t t = blockIdx.x * groups + threadIdx.x / Width; t < a.rows; t += stride) {
     const auto row = stage_row<Est::noisy>(lanes, a.logits + t * a.logit_stride0, a.logit_stride1,
-                                           n, a.rng, t, noise_eps, values, values + n);
+                                           n, rng, t, noise_eps, values, values + n);
     device_forward_slots<G, M, register_slots> slots{
         a.experts + t * a.expert_stride0,
         a.expert_stride1,
@@ -108,7 +110,7 @@ __global__ void __launch_bounds__(256, min_resident_blocks)
         {},
         {}};
     const token_outcome outcome = token_forward<Est, M>(
-        lanes, row, slots, values + (shared_rows<Est, M>(false) - 1) * n, params, a.rng, t);
+        lanes, row, slots, values + (shared_rows<Est, M>(false) - 1) * n, params, rng, t);
     if (lanes.lane() == 0) {
       if (!outcome.complete && a.nonfinite) atomicAdd(a.nonfinite, 1ull);
       if (outcome.routable && a.counts)
@@ -135,6 +137,7 @@ struct backward_args {
   bool accumulate;
   routing_options opt;
   rng_stream rng;
+  const std::uint64_t* offset_counter;  // state.offset_counter, may be null
   const std::int64_t* counts;
 };
 
@@ -153,6 +156,7 @@ __global__ void __launch_bounds__(256, min_resident_blocks)
   M* scratch = values + (shared_rows<Est, M>(true) - 1) * n;
   const M noise_eps = noise_eps_of<Est, M>(a.opt);
   const token_params<M> params = params_of<M>(a.opt);
+  const rng_stream rng = rng_with_counter(a.rng, a.offset_counter);
   const M inv_rows = M(1) / static_cast<M>(a.rows);
   const aux_gradient<M, device_count_fraction<M>> aux{
       static_cast<M>(a.opt.load_balance_coef) * static_cast<M>(a.cols) * inv_rows,
@@ -161,7 +165,7 @@ __global__ void __launch_bounds__(256, min_resident_blocks)
        M(1) / (static_cast<M>(a.rows) * static_cast<M>(a.opt.k))}};
   for (index_t t = blockIdx.x * groups + threadIdx.x / Width; t < a.rows; t += stride) {
     const auto row = stage_row<Est::noisy>(lanes, a.logits + t * a.logit_stride0, a.logit_stride1,
-                                           n, a.rng, t, noise_eps, values, values + n);
+                                           n, rng, t, noise_eps, values, values + n);
     const device_backward_slots<GG, M, register_slots> slots(
         a.experts + t * a.expert_stride0, a.expert_stride1,
         a.coins ? a.coins + t * a.coin_stride0 : nullptr, a.coin_stride1,
@@ -201,7 +205,8 @@ __global__ void __launch_bounds__(256, min_resident_blocks)
 template <class Est, class Lanes, class T>
 __global__ void __launch_bounds__(256)
     loss_partials_kernel(const T* logits, index_t rows, index_t cols, index_t s0, index_t s1,
-                         routing_options opt, rng_stream rng, double* partial) {
+                         routing_options opt, rng_stream stream,
+                         const std::uint64_t* offset_counter, double* partial) {
   using M = math_t<T>;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   __shared__ M row_max[stats_block_tokens];
@@ -215,6 +220,7 @@ __global__ void __launch_bounds__(256)
   const int n = static_cast<int>(cols);
   M* values = group_shared<M, Width>(shared_bytes, n, shared_rows<Est, M>(false));
   const M noise_eps = noise_eps_of<Est, M>(opt);
+  const rng_stream rng = rng_with_counter(stream, offset_counter);
   for (index_t r = threadIdx.x / Width; r < count; r += groups) {
     const auto row = stage_row<Est::noisy>(lanes, logits + (first + r) * s0, s1, n, rng, first + r,
                                            noise_eps, values, values + n);

@@ -99,6 +99,8 @@ status check_logits_and_state(const device_view<TL, 2>& logits,
       check_device_pointer(state.experts.data_handle(), "state.experts: not device memory"));
   ROUTEGRAD_RETURN_IF_ERROR(
       check_device_pointer(state.coins.data_handle(), "state.coins: not device memory"));
+  ROUTEGRAD_RETURN_IF_ERROR(
+      check_device_pointer(state.offset_counter, "state.offset_counter: not device memory"));
   return check_device_pointer(counts, "stats.expert_counts: not device memory");
 }
 
@@ -333,6 +335,7 @@ status run_forward(const routing_options& opt, device_view<TL, 2> logits,
                                      gates.stride(1),
                                      opt,
                                      state.rng,
+                                     state.offset_counter,
                                      reinterpret_cast<unsigned long long*>(counts),
                                      reinterpret_cast<unsigned long long*>(stats.nonfinite_rows)};
   status launched = status::ok();
@@ -345,7 +348,7 @@ status run_forward(const routing_options& opt, device_view<TL, 2> logits,
       detail::loss_partials_kernel<Est, L>
           <<<static_cast<unsigned>(blocks), loss_shape.threads, loss_shape.shared, s>>>(
               logits.data_handle(), rows, cols, logits.stride(0), logits.stride(1), opt, state.rng,
-              static_cast<double*>(workspace));
+              state.offset_counter, static_cast<double*>(workspace));
   });
   ROUTEGRAD_RETURN_IF_ERROR(launched);
   ROUTEGRAD_CUDA_TRY(cudaGetLastError(), "forward kernel launch");
@@ -420,6 +423,7 @@ status run_backward(const routing_options& opt, device_view<TL, 2> logits,
                                                                 mode == grad_mode::accumulate,
                                                                 opt,
                                                                 state.rng,
+                                                                state.offset_counter,
                                                                 stats.expert_counts};
   status launched = status::ok();
   detail::dispatch_shape</*Backward=*/true>(lanes, [&](auto policy) {
@@ -429,6 +433,29 @@ status run_backward(const routing_options& opt, device_view<TL, 2> logits,
         shape.threads, shape.shared, exec.stream, "backward kernel launch", a);
   });
   return launched;
+}
+
+namespace detail {
+
+template <int = 0>  // (a template only so that a header can define it in many translation units)
+__global__ void advance_counter_kernel(std::uint64_t* counter, std::uint64_t by) {
+  *counter += by;
+}
+
+}  // namespace detail
+
+/// Adds `by` to a device offset counter (routing_state::offset_counter) on `stream`. Captured in a
+/// CUDA graph ahead of the routing calls, it makes every replay draw from the next offset: the
+/// routing kernels read the counter when they run, after this kernel has completed.
+inline status advance_offset_counter(std::uint64_t* counter, std::uint64_t by,
+                                     cudaStream_t stream = nullptr) {
+  if (counter == nullptr) return {status_code::null_pointer, "counter: null"};
+  if (!detail::aligned<std::uint64_t>(counter))
+    return {status_code::misaligned, "counter: misaligned"};
+  ROUTEGRAD_RETURN_IF_ERROR(detail::check_device_pointer(counter, "counter: not device memory"));
+  detail::advance_counter_kernel<><<<1, 1, 0, stream>>>(counter, by);
+  ROUTEGRAD_CUDA_TRY(cudaGetLastError(), "advance_offset_counter launch");
+  return status::ok();
 }
 
 }  // namespace routegrad::cuda

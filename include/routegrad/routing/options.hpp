@@ -34,6 +34,9 @@ struct routing_options {
 /// coins(t, j):   the coin outcome: 0 = forward scale c = 1; n ≥ 1 = the rule's node n−1
 ///                (SparseMixer rules with reduced scales only; may be empty for other estimators).
 /// rng:           the seed, offset and global index of the first token that drew the randomness.
+/// offset_counter: optional; the value it points to is added to rng.offset when the call runs
+///                (host memory for the CPU back end; device memory for CUDA, read by the kernels
+///                themselves, so a CUDA graph replayed after the counter was advanced draws anew).
 ///
 /// A caller may fill one by hand (replaying decisions made elsewhere, or after activation
 /// recomputation) and run the backward from it; rerunning the forward with the same rng
@@ -43,7 +46,15 @@ struct routing_state {
   strided_view<std::int32_t, 2, Space> experts;
   strided_view<std::uint8_t, 2, Space> coins;
   rng_stream rng;
+  const std::uint64_t* offset_counter = nullptr;
 };
+
+/// The stream a call draws from: rng with *counter added to its offset (counter may be null).
+/// Called where the counter's memory is: by the CPU back end, and by the CUDA kernels.
+ROUTEGRAD_HD inline rng_stream rng_with_counter(rng_stream rng, const std::uint64_t* counter) {
+  if (counter != nullptr) rng.offset += *counter;  // wraps modulo 2^64, as offsets do
+  return rng;
+}
 
 /// Optional outputs of the forward (null pointers are skipped). The backward reads
 /// expert_counts when load_balance_coef != 0.

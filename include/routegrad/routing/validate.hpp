@@ -77,6 +77,8 @@ status check_state_views(const routing_state<S>& state, index_t rows, int k, boo
   if (!shape_is(state.experts, rows, k))
     return {status_code::invalid_shape, "state.experts: shape must be [T, k]"};
   if (!has_data(state.experts)) return {status_code::null_pointer, "state.experts: null data"};
+  if (reinterpret_cast<std::uintptr_t>(state.offset_counter) % alignof(std::uint64_t) != 0)
+    return {status_code::misaligned, "state.offset_counter: misaligned"};
   if (writing ? !writable_without_overlap(state.experts) : !strides_nonnegative(state.experts))
     return {status_code::invalid_stride, "state.experts: strides overlap or are negative"};
   const bool coins_given = state.coins.data_handle() != nullptr;
