@@ -57,7 +57,10 @@ T convert(float x) {
     return static_cast<T>(x);
 }
 
-enum class phase { forward, backward, both, graph };  // graph: fwd + bwd replayed from a CUDA graph
+// graph: fwd + bwd replayed from a CUDA graph (the draws it was captured with, every replay);
+// graph_counter: the same with an offset counter advanced by a kernel captured ahead of them, so
+// that every replay draws anew (what training from a graph needs; a third launch).
+enum class phase { forward, backward, both, graph, graph_counter };
 
 template <class Est, class T>
 void BM_routing(benchmark::State& state, phase what) {
@@ -77,12 +80,15 @@ void BM_routing(benchmark::State& state, phase what) {
   float *gates = nullptr, *grad_gates = nullptr;
   std::int32_t* experts = nullptr;
   std::uint8_t* coins = nullptr;
+  std::uint64_t* counter = nullptr;
   cudaMalloc(&logits, host.size() * sizeof(T));
   cudaMalloc(&grad, host.size() * sizeof(T));
   cudaMalloc(&gates, host_gg.size() * sizeof(float));
   cudaMalloc(&grad_gates, host_gg.size() * sizeof(float));
   cudaMalloc(&experts, host_gg.size() * sizeof(std::int32_t));
   cudaMalloc(&coins, host_gg.size());
+  cudaMalloc(&counter, sizeof(std::uint64_t));
+  cudaMemset(counter, 0, sizeof(std::uint64_t));
   cudaMemcpy(logits, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice);
   cudaMemcpy(grad_gates, host_gg.data(), host_gg.size() * sizeof(float), cudaMemcpyHostToDevice);
   routing_options opt;
@@ -107,9 +113,13 @@ void BM_routing(benchmark::State& state, phase what) {
   cudaStreamSynchronize(stream);
   // Graph replay: the GPU time of the two kernels alone, without the host-side checks.
   cudaGraphExec_t graph_exec = nullptr;
-  if (what == phase::graph) {
+  if (what == phase::graph || what == phase::graph_counter) {
     cudaGraph_t graph = nullptr;
     cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal);
+    if (what == phase::graph_counter) {
+      st.offset_counter = counter;
+      check(cuda::advance_offset_counter(counter, 1, stream));
+    }
     fwd();
     bwd();
     cudaStreamEndCapture(stream, &graph);
@@ -123,7 +133,7 @@ void BM_routing(benchmark::State& state, phase what) {
   for (auto _ : state) {
     st.rng.offset = ++step;  // a new draw every step, as in training (the graph keeps its own)
     cudaEventRecord(start, stream);
-    if (what == phase::graph) cudaGraphLaunch(graph_exec, stream);
+    if (graph_exec) cudaGraphLaunch(graph_exec, stream);
     if (what == phase::forward || what == phase::both) fwd();
     if (what == phase::backward || what == phase::both) bwd();
     cudaEventRecord(stop, stream);
@@ -149,6 +159,7 @@ void BM_routing(benchmark::State& state, phase what) {
   cudaFree(grad_gates);
   cudaFree(experts);
   cudaFree(coins);
+  cudaFree(counter);
 }
 
 void BM_copy_floor(benchmark::State& state) {
@@ -198,6 +209,7 @@ const bool registered = [] {
   add<sparsemixer_midpoint, float>("midpoint/fp32/fwd", phase::forward, sizes);
   add<sparsemixer_midpoint, float>("midpoint/fp32/bwd", phase::backward, sizes);
   add<sparsemixer_midpoint, float>("midpoint/fp32/graph", phase::graph, sizes);
+  add<sparsemixer_midpoint, float>("midpoint/fp32/graph_counter", phase::graph_counter, sizes);
   add<switch_router, float>("switch/fp32/graph", phase::graph, sizes);
   add<switch_router, __nv_bfloat16>("switch/bf16/fwd+bwd", phase::both, sizes);
   add<sparsemixer_midpoint, __nv_bfloat16>("midpoint/bf16/fwd+bwd", phase::both, sizes);
