@@ -50,50 +50,58 @@ TEST_CASE("cuda routing fp64: sparsemixer midpoint and topk_softmax") {
   sweep<topk_softmax, double>(700, false);
 }
 TEST_CASE("cuda routing fp32: every launch shape") {
-  // lanes_for (cuda/routing.cuh) picks the lanes per token by E and T; each shape is its own
-  // kernel (bound checks, unrolling, shared-memory layout). One batch per shape, sized just past
-  // the T thresholds, with the estimators, k and options rotating.
+  // lanes_for (cuda/routing.cuh) picks the lanes per token by E, T, direction and whether the
+  // estimator is noisy; each shape is its own kernel (bound checks, unrolling, shared-memory
+  // layout). One batch per shape pair, sized just past the T thresholds, estimators rotating.
+  using cuda::detail::lanes_shape;
+  enum estimator_kind { by_midpoint, by_heun3, by_switch, by_euler, by_topk };
   struct shape_case {
     index_t rows, cols;
-    cuda::detail::lanes_shape expected;
+    estimator_kind estimator;
+    lanes_shape forward, backward;
   };
   const shape_case cases[] = {
-      {777, 7, {8, 1}},    {12289, 8, {4, 2}},  {49153, 7, {2, 4}},   {98305, 8, {1, 8}},
-      {777, 16, {8, 2}},   {12289, 13, {4, 4}}, {49153, 16, {2, 8}},  {777, 20, {8, 4}},
-      {12289, 32, {4, 8}}, {777, 64, {8, 8}},   {12289, 50, {4, 16}}, {777, 128, {8, 16}},
-      {777, 256, {32, 8}}, {300, 257, {32, 0}},
+      {777, 7, by_midpoint, {8, 1}, {8, 1}},   {12289, 8, by_heun3, {4, 2}, {4, 2}},
+      {24577, 8, by_switch, {1, 8}, {4, 2}},   {49153, 7, by_euler, {1, 8}, {2, 4}},
+      {777, 16, by_topk, {8, 2}, {8, 2}},      {12289, 13, by_midpoint, {4, 4}, {4, 4}},
+      {49153, 16, by_heun3, {2, 8}, {4, 4}},   {98305, 16, by_midpoint, {1, 16}, {4, 4}},
+      {98305, 15, by_switch, {2, 8}, {4, 4}},  {777, 20, by_euler, {8, 4}, {8, 4}},
+      {12289, 32, by_topk, {4, 8}, {4, 8}},    {777, 64, by_midpoint, {8, 8}, {8, 8}},
+      {12289, 50, by_heun3, {4, 16}, {4, 16}}, {777, 128, by_switch, {8, 16}, {8, 16}},
+      {777, 256, by_euler, {32, 8}, {32, 8}},  {300, 257, by_topk, {32, 0}, {32, 0}},
   };
   std::uint64_t seed = 930;
   for (const shape_case& c : cases) {
-    const cuda::detail::lanes_shape got = cuda::detail::lanes_for(c.rows, c.cols);
     CAPTURE(c.rows);
     CAPTURE(c.cols);
-    CHECK(got.width == c.expected.width);
-    CHECK(got.per_lane == c.expected.per_lane);
+    const bool noisy = c.estimator == by_switch;
+    const lanes_shape forward = cuda::detail::lanes_for(c.rows, c.cols, false, noisy);
+    const lanes_shape backward = cuda::detail::lanes_for(c.rows, c.cols, true, noisy);
+    CHECK(forward.width == c.forward.width);
+    CHECK(forward.per_lane == c.forward.per_lane);
+    CHECK(backward.width == c.backward.width);
+    CHECK(backward.per_lane == c.backward.per_lane);
     const int k = static_cast<int>(seed % 3 == 0 ? 1 : seed % 3 == 1 ? 2 : 4);
     const bool strided = (seed & 1) != 0;
     const routing_mode mode = seed % 5 == 4 ? routing_mode::eval : routing_mode::train;
     const double alpha = seed % 2 == 0 ? 0.05 : 0.0, beta = seed % 3 == 0 ? 0.002 : 0.0;
-    switch (seed % 5) {
-      case 0:
-        check_case<sparsemixer_midpoint, float>(
-            {c.rows, c.cols, k, strided, mode, false, alpha, beta}, seed);
+    const case_spec spec{c.rows, c.cols, k, strided, mode, seed % 2 == 1, alpha, beta};
+    switch (c.estimator) {
+      case by_midpoint:
+        check_case<sparsemixer_midpoint, float>(spec, seed);
         break;
-      case 1:
-        check_case<sparsemixer_heun3, float>({c.rows, c.cols, k, strided, mode, true, alpha, beta},
-                                             seed);
+      case by_heun3:
+        check_case<sparsemixer_heun3, float>(spec, seed);
         break;
-      case 2:
-        check_case<switch_router, float>({c.rows, c.cols, k, strided, mode, false, alpha, beta},
-                                         seed);
+      case by_switch:
+        check_case<switch_router, float>(spec, seed);
         break;
-      case 3:
-        check_case<sparsemixer_euler, float>({c.rows, c.cols, k, strided, mode, false, alpha, beta},
-                                             seed);
+      case by_euler:
+        check_case<sparsemixer_euler, float>(spec, seed);
         break;
-      default:
-        check_case<topk_softmax, float>({c.rows, c.cols, k, strided, mode, true, alpha, beta},
-                                        seed);
+      case by_topk:
+        check_case<topk_softmax, float>(spec, seed);
+        break;
     }
     ++seed;
   }

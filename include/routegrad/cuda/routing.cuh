@@ -112,27 +112,38 @@ struct lanes_shape {
   int per_lane;
 };
 
-/// The shape for a batch. Each reduction across a token's lanes costs a chain of shuffles that
-/// every lane of the warp executes, so few lanes per token (more tokens per warp) run fewer
-/// instructions per element; too few lanes leave long per-lane loops and, in small batches, a
+/// The shape for a batch and a direction. Each reduction across a token's lanes costs a chain of
+/// shuffles that every lane of the warp executes, so few lanes per token (more tokens per warp) run
+/// fewer instructions per element; too few lanes leave long per-lane loops and, in small batches, a
 /// long chain per token on a GPU that is mostly idle. So small batches spread a token over more
-/// lanes and large ones over fewer. Measured on an H200 (kernels launched directly, fp32, forward +
-/// backward replayed from a graph; docs/performance.md, "Run 5"): E ≤ 8: 8 lanes up to
-/// T ≈ 8192, 4 at 16384–32768, 2 at 65536, 1 at 131072 (T = 32768: 12.8 µs vs 14.0 for a thread
-/// per token; T = 4096: 9.2 vs 9.7 for 8 lanes × 4 steps); E ≤ 16: 8, then 4, then 2 (T = 131072:
-/// 35 µs vs 62 for 8 × 4); E ≤ 32: 8 × 4 at T = 4096, 4 × 8 from 16384 on (131072: 47 µs vs 65);
-/// E ≤ 64: 8 × 8 at T = 4096 (11.9 µs vs 13.2), 4 × 16 beyond; E = 128: 8 × 16 (beat 4 × 32 and
-/// 16 × 8); E = 256: 32 × 8. A bound on the elements per lane (even without unrolling) lets the
-/// per-slot bookkeeping use bit masks.
-inline lanes_shape lanes_for(index_t rows, index_t cols) {
+/// lanes and large ones over fewer; the backward, with more work per element and the gradient row
+/// in shared memory, keeps more lanes than the forward at large T. Measured on an H200 (kernels
+/// launched directly, fp32, replayed from graphs; docs/performance.md, "Run 5"), midpoint µs:
+/// E ≤ 8: 8 lanes below T ≈ 12k (4096: 9.2 fwd+bwd vs 9.7 for 8 lanes × 4 steps); forward 4 lanes
+/// at 16384, a thread per token from 32768 (32768: 7.2 vs 8.2 for 4 lanes; 131072: 10.1 vs 15.2
+/// for 2); backward 4 lanes up to 32768, 2 beyond (131072: 13.5 vs 15.9 for a thread per token).
+/// E ≤ 16: 8 lanes below 12k; forward 4 lanes, 2 from 65536, 1 from 131072 (14.7 vs 17.1 for 2);
+/// backward 4 lanes at every larger T (131072: 19.0 vs 19.7 for 2 and 31.9 for 8 × 4); a noisy
+/// estimator (Switch: a Philox block per four experts while staging) keeps 2 lanes in the forward
+/// (its graph-replayed forward + backward at 131072 × 16: 34.0 µs with one lane, 32.9 with two;
+/// 31.5 with two lanes in the backward as well, which SparseMixer's backward does not prefer). E ≤
+/// 32: 8 × 4 at T = 4096, 4 × 8 from 16384 on (131072: 47 vs 65 fwd+bwd for 8 × 4); E ≤ 64: 8 × 8
+/// at T = 4096 (11.9 vs 13.2), 4 × 16 beyond; E = 128: 8 × 16 (beat 4 × 32 and 16 × 8); E = 256: 32
+/// × 8. A bound on the elements per lane (even without unrolling) lets the per-slot bookkeeping use
+/// bit masks.
+inline lanes_shape lanes_for(index_t rows, index_t cols, bool backward, bool noisy) {
   constexpr index_t small = 12288, medium = 49152, large = 98304;  // tokens
-  if (cols <= 8)
-    return rows < small    ? lanes_shape{8, 1}
-           : rows < medium ? lanes_shape{4, 2}
-           : rows < large  ? lanes_shape{2, 4}
-                           : lanes_shape{1, 8};
-  if (cols <= 16)
-    return rows < small ? lanes_shape{8, 2} : rows < medium ? lanes_shape{4, 4} : lanes_shape{2, 8};
+  if (cols <= 8) {
+    if (rows < small) return {8, 1};
+    if (backward) return rows < medium ? lanes_shape{4, 2} : lanes_shape{2, 4};
+    return rows < 24576 ? lanes_shape{4, 2} : lanes_shape{1, 8};
+  }
+  if (cols <= 16) {
+    if (rows < small) return {8, 2};
+    if (backward) return {4, 4};
+    if (rows < medium) return {4, 4};
+    return rows < large || noisy ? lanes_shape{2, 8} : lanes_shape{1, 16};
+  }
   if (cols <= 32) return rows < small ? lanes_shape{8, 4} : lanes_shape{4, 8};
   if (cols <= 64) return rows < small ? lanes_shape{8, 8} : lanes_shape{4, 16};
   if (cols <= 128) return {8, 16};
@@ -186,15 +197,15 @@ status shape_for(Kernel kernel, int width, std::size_t bytes_per_group, index_t 
   return status::ok();
 }
 
-/// Calls launch(Lanes{}) with the warp_lanes type of a lanes_for shape. `Backward` picks the
-/// backward kernels' unrolling where it differs from the forward's (so that each direction
-/// compiles only the kernels it launches); rows of up to 16 elements per lane unroll completely.
-/// Measured with the shapes (H200, SparseMixer midpoint): 4 × 16 (E ≤ 64): four steps per loop
-/// iteration both ways (backward 37 µs vs 41 not unrolled and 46 completely; forward 42–44
-/// either way); 8 × 16 (E ≤ 128): the forward unrolled completely (62 µs vs 64–65 partly, 72 not
-/// at all), the backward four steps at a time (61.5 µs vs 63 by eight, 68 not unrolled, 72
-/// completely: it keeps the gradient row too and spills); 4 × 8 (E ≤ 32, T = 131072): forward
-/// completely (24.4 µs vs 25.4), backward four steps (24.3 vs 28.4).
+/// Calls launch(Lanes{}) with the warp_lanes type of a lanes_for shape of direction `Backward`
+/// (each direction compiles only the shapes lanes_for gives it; any other shape runs the generic
+/// 32-lane kernel). Rows of up to 16 elements per lane unroll completely, except where measured
+/// otherwise (H200, SparseMixer midpoint): 4 × 16 (E ≤ 64): four steps per loop iteration both
+/// ways (backward 37 µs vs 41 not unrolled and 46 completely; forward 42–44 either way); 8 × 16
+/// (E ≤ 128): the forward unrolled completely (62 µs vs 64–65 partly, 72 not at all), the
+/// backward four steps at a time (61.5 µs vs 63 by eight, 68 not unrolled, 72 completely: it keeps
+/// the gradient row too and spills); 4 × 8 (E ≤ 32, T = 131072): forward completely (24.4 µs vs
+/// 25.4), backward four steps (24.3 vs 28.4).
 template <bool Backward = false, class Launch>
 void dispatch_shape(lanes_shape shape, Launch launch) {
   const auto is = [shape](int width, int per_lane) {
@@ -204,16 +215,10 @@ void dispatch_shape(lanes_shape shape, Launch launch) {
     launch(warp_lanes<8, 1>{});
   } else if (is(4, 2)) {
     launch(warp_lanes<4, 2>{});
-  } else if (is(2, 4)) {
-    launch(warp_lanes<2, 4>{});
-  } else if (is(1, 8)) {
-    launch(warp_lanes<1, 8>{});
   } else if (is(8, 2)) {
     launch(warp_lanes<8, 2>{});
   } else if (is(4, 4)) {
     launch(warp_lanes<4, 4>{});
-  } else if (is(2, 8)) {
-    launch(warp_lanes<2, 8>{});
   } else if (is(8, 4)) {
     launch(warp_lanes<8, 4>{});
   } else if (is(4, 8)) {
@@ -226,8 +231,22 @@ void dispatch_shape(lanes_shape shape, Launch launch) {
     launch(warp_lanes < 8, 16, Backward ? 4 : 16 > {});
   } else if (is(32, 8)) {
     launch(warp_lanes<32, 8>{});
-  } else {  // any E
-    launch(warp_lanes<32>{});
+  } else if constexpr (Backward) {
+    if (is(2, 4)) {
+      launch(warp_lanes<2, 4>{});
+    } else {  // any E
+      launch(warp_lanes<32>{});
+    }
+  } else {
+    if (is(1, 8)) {
+      launch(warp_lanes<1, 8>{});
+    } else if (is(2, 8)) {
+      launch(warp_lanes<2, 8>{});
+    } else if (is(1, 16)) {
+      launch(warp_lanes<1, 16>{});
+    } else {  // any E
+      launch(warp_lanes<32>{});
+    }
   }
 }
 
@@ -273,7 +292,7 @@ status run_forward(const routing_options& opt, device_view<TL, 2> logits,
 
   // Launch shapes (this can still reject a too-large E) before anything is written.
   using M = math_t<T>;
-  const detail::lanes_shape lanes = detail::lanes_for(rows, cols);
+  const detail::lanes_shape lanes = detail::lanes_for(rows, cols, /*backward=*/false, Est::noisy);
   const std::size_t group_bytes =
       detail::group_bytes<M>(cols, detail::shared_rows<Est, M>(false), lanes.width);
   detail::launch_shape fwd_shape{}, loss_shape{};
@@ -390,7 +409,7 @@ status run_backward(const routing_options& opt, device_view<TL, 2> logits,
   if (rows == 0) return status::ok();
 
   // Shared memory per token group: the staged row (+ jitter) and the gradient row.
-  const detail::lanes_shape lanes = detail::lanes_for(rows, cols);
+  const detail::lanes_shape lanes = detail::lanes_for(rows, cols, /*backward=*/true, Est::noisy);
   const std::size_t group_bytes =
       detail::group_bytes<M>(cols, detail::shared_rows<Est, M>(true), lanes.width);
   detail::launch_shape shape{};
