@@ -99,7 +99,7 @@ TEST_CASE("cuda graph: replays with an advancing offset counter draw anew (midpo
   check_replays_draw_anew<switch_router>();  // its backward redraws the jitter noise
 }
 
-TEST_CASE("cuda graph: an offset counter outside device memory is rejected before any launch") {
+TEST_CASE("cuda graph: a bad offset counter is rejected before any launch") {
   const index_t T = 10, E = 8;
   device_buffer<float> logits(std::vector<float>(static_cast<std::size_t>(T * E), 1.0f));
   device_buffer<std::int32_t> experts(std::vector<std::int32_t>(T, -7));
@@ -117,7 +117,28 @@ TEST_CASE("cuda graph: an offset counter outside device memory is rejected befor
   CHECK(std::string(s.message()).find("state.offset_counter") != std::string::npos);
   CHECK(cuda::advance_offset_counter(&host_counter, 1).code() == status_code::wrong_memory_space);
   CHECK(cuda::advance_offset_counter(nullptr, 1).code() == status_code::null_pointer);
+  // Device memory, but not 8-byte aligned: the forward, the backward and the advance refuse it.
+  device_buffer<std::uint64_t> words(std::vector<std::uint64_t>(2, 5));
+  auto* odd = reinterpret_cast<std::uint64_t*>(reinterpret_cast<char*>(words.ptr) + 4);
+  cuda::device_routing_state misaligned = state;
+  misaligned.offset_counter = odd;
+  const status f = route_forward<sparsemixer_midpoint>(
+      routing_options{}, device_view<const float, 2>(logits.ptr, {T, E}), misaligned,
+      device_view<float, 2>(gates.ptr, {T, 1}));
+  CHECK(f.code() == status_code::misaligned);
+  CHECK(std::string(f.message()).find("state.offset_counter") != std::string::npos);
+  device_buffer<float> grad_gates(std::vector<float>(T, 1.0f));
+  device_buffer<float> grad(std::vector<float>(static_cast<std::size_t>(T * E), -3.0f));
+  CHECK(route_backward<sparsemixer_midpoint>(
+            routing_options{}, device_view<const float, 2>(logits.ptr, {T, E}), misaligned,
+            device_view<const float, 2>(grad_gates.ptr, {T, 1}),
+            device_view<float, 2>(grad.ptr, {T, E}))
+            .code() == status_code::misaligned);
+  CHECK(cuda::advance_offset_counter(odd, 1).code() == status_code::misaligned);
   RG_CUDA_REQUIRE(cudaDeviceSynchronize());
   CHECK(host_counter == 0);
   for (std::int32_t e : experts.download()) CHECK(e == -7);
+  for (float g : gates.download()) CHECK(g == -3.0f);
+  for (float g : grad.download()) CHECK(g == -3.0f);
+  for (std::uint64_t w : words.download()) CHECK(w == 5);
 }
