@@ -30,12 +30,17 @@ struct warp_lanes {
   static_assert(Width >= 1 && Width <= 32 && (Width & (Width - 1)) == 0,
                 "Width must be a power of two up to 32");
   static_assert(PerLane >= 0, "PerLane: 0 (any E) or the elements per lane");
-  static_assert(Unroll >= 1 && (PerLane == 0 || Unroll <= PerLane),
-                "Unroll: 1 (a plain loop) up to PerLane (no loop)");
+  static_assert(Unroll >= 1 && (PerLane == 0 || (Unroll <= PerLane && PerLane % Unroll == 0)),
+                "Unroll: 1 (a plain loop) up to PerLane (no loop), a divisor of PerLane");
   static constexpr int width = Width;  // count(), for host code
   static constexpr int per_lane = PerLane;
   static constexpr int unroll = Unroll;
   static constexpr bool full_unroll = PerLane > 0 && Unroll == PerLane;
+  /// A set of a row's elements can be kept in index order, for the whole group, in this many
+  /// 32-bit words (row_math.hpp positive_elements) when the row loops unroll completely (each
+  /// element's word and bit offset are then constants) and rows hold at most 256 elements.
+  static constexpr int index_words =
+      full_unroll && Width * PerLane <= 256 ? (Width * PerLane + 31) / 32 : 0;
   unsigned mask;  // this group's lanes within the warp
   int lane_id;    // 0..Width-1
 
@@ -82,6 +87,25 @@ struct warp_lanes {
         for (int s = 0; s < PerLane; ++s) {
           const int i = lane_id + s * Width;
           if (i < n) f(i);
+        }
+      }
+    } else if constexpr (PerLane > 0) {
+      // Unroll steps per iteration of a loop with a compile-time trip count: no remainder loop,
+      // and no bound test per element on full rows.
+      if (n == Width * PerLane) {
+#pragma unroll 1
+        for (int first = 0; first < PerLane; first += Unroll) {
+#pragma unroll
+          for (int s = first; s < first + Unroll; ++s) f(lane_id + s * Width);
+        }
+      } else {
+#pragma unroll 1
+        for (int first = 0; first < PerLane; first += Unroll) {
+#pragma unroll
+          for (int s = first; s < first + Unroll; ++s) {
+            const int i = lane_id + s * Width;
+            if (i < n) f(i);
+          }
         }
       }
     } else {

@@ -126,11 +126,14 @@ struct lanes_shape {
 /// backward 4 lanes at every larger T (131072: 19.0 vs 19.7 for 2 and 31.9 for 8 × 4); a noisy
 /// estimator (Switch: a Philox block per four experts while staging) keeps 2 lanes in the forward
 /// (its graph-replayed forward + backward at 131072 × 16: 34.0 µs with one lane, 32.9 with two;
-/// 31.5 with two lanes in the backward as well, which SparseMixer's backward does not prefer). E ≤
+/// 31.5 with two lanes in the backward as well, which SparseMixer's backward does not prefer: so
+/// from T ≈ 98k a noisy backward takes two lanes (2026-11-30 07:33 UTC: Switch's backward 19.6–19.9
+/// vs 20.7–20.8 µs with four; midpoint's 19.1–19.2 with two vs 17.8–17.9 with four)). E ≤
 /// 32: 8 × 4 at T = 4096, 4 × 8 from 16384 on (131072: 47 vs 65 fwd+bwd for 8 × 4); E ≤ 64: 8 × 8
-/// at T = 4096 (11.9 vs 13.2), 4 × 16 beyond; E = 128: 8 × 16 (beat 4 × 32 and 16 × 8); E = 256: 32
-/// × 8. A bound on the elements per lane (even without unrolling) lets the per-slot bookkeeping use
-/// bit masks.
+/// at T = 4096 (11.9 vs 13.2), 4 × 16 beyond; E = 128: backward 8 × 16 (57.7 vs 67.0 for 4 × 32),
+/// forward 4 × 32 (H200, 2026-11-30 07:19 and 07:25 UTC: 46.0–46.7 vs 49.3–50.4 for 8 × 16; heun3
+/// top-2 81.1–81.9 vs 85.6–86.5; bf16 46.7 vs 51.3); E = 256: 32 × 8. A bound on the elements per
+/// lane (even without unrolling) lets the per-slot bookkeeping use bit masks.
 inline lanes_shape lanes_for(index_t rows, index_t cols, bool backward, bool noisy) {
   constexpr index_t small = 12288, medium = 49152, large = 98304;  // tokens
   if (cols <= 8) {
@@ -140,13 +143,13 @@ inline lanes_shape lanes_for(index_t rows, index_t cols, bool backward, bool noi
   }
   if (cols <= 16) {
     if (rows < small) return {8, 2};
-    if (backward) return {4, 4};
+    if (backward) return rows >= large && noisy ? lanes_shape{2, 8} : lanes_shape{4, 4};
     if (rows < medium) return {4, 4};
     return rows < large || noisy ? lanes_shape{2, 8} : lanes_shape{1, 16};
   }
   if (cols <= 32) return rows < small ? lanes_shape{8, 4} : lanes_shape{4, 8};
   if (cols <= 64) return rows < small ? lanes_shape{8, 8} : lanes_shape{4, 16};
-  if (cols <= 128) return {8, 16};
+  if (cols <= 128) return backward ? lanes_shape{8, 16} : lanes_shape{4, 32};
   if (cols <= 256) return {32, 8};
   return {32, 0};
 }
@@ -199,13 +202,15 @@ status shape_for(Kernel kernel, int width, std::size_t bytes_per_group, index_t 
 
 /// Calls launch(Lanes{}) with the warp_lanes type of a lanes_for shape of direction `Backward`
 /// (each direction compiles only the shapes lanes_for gives it; any other shape runs the generic
-/// 32-lane kernel). Rows of up to 16 elements per lane unroll completely, except where measured
-/// otherwise (H200, SparseMixer midpoint): 4 × 16 (E ≤ 64): four steps per loop iteration both
-/// ways (backward 37 µs vs 41 not unrolled and 46 completely; forward 42–44 either way); 8 × 16
-/// (E ≤ 128): the forward unrolled completely (62 µs vs 64–65 partly, 72 not at all), the
-/// backward four steps at a time (61.5 µs vs 63 by eight, 68 not unrolled, 72 completely: it keeps
-/// the gradient row too and spills); 4 × 8 (E ≤ 32, T = 131072): forward completely (24.4 µs vs
-/// 25.4), backward four steps (24.3 vs 28.4).
+/// 32-lane kernel). Rows of up to 16 elements per lane unroll completely (the forward's draw then
+/// keeps its candidates in index order: positive_elements), except where measured otherwise (H200,
+/// SparseMixer midpoint): 4 × 16 (E ≤ 64): the backward four steps per loop iteration (37 µs vs
+/// 41 not unrolled and 46 completely), the forward completely (2026-11-30 07:25 UTC, T = 131072:
+/// 29.0–29.8 vs 30.6–31.5 by four; heun3 top-2 47.5–48.5 vs 53.0–53.9); 8 × 16 (E ≤ 128, the
+/// backward): four steps at a time (61.5 µs vs 63 by eight, 68 not unrolled, 72 completely: it
+/// keeps the gradient row too and spills); 4 × 32 (E ≤ 128, the forward): eight steps (46.0 µs vs
+/// 49.1 completely: it spills); 4 × 8 (E ≤ 32, T = 131072): forward completely (24.4 µs vs 25.4),
+/// backward four steps (24.3 vs 28.4).
 template <bool Backward = false, class Launch>
 void dispatch_shape(lanes_shape shape, Launch launch) {
   const auto is = [shape](int width, int per_lane) {
@@ -225,25 +230,27 @@ void dispatch_shape(lanes_shape shape, Launch launch) {
     launch(warp_lanes < 4, 8, Backward ? 4 : 8 > {});
   } else if (is(8, 8)) {
     launch(warp_lanes<8, 8>{});
+  } else if (is(2, 8)) {
+    launch(warp_lanes<2, 8>{});
   } else if (is(4, 16)) {
-    launch(warp_lanes<4, 16, 4>{});
-  } else if (is(8, 16)) {
-    launch(warp_lanes < 8, 16, Backward ? 4 : 16 > {});
+    launch(warp_lanes < 4, 16, Backward ? 4 : 16 > {});
   } else if (is(32, 8)) {
     launch(warp_lanes<32, 8>{});
   } else if constexpr (Backward) {
     if (is(2, 4)) {
       launch(warp_lanes<2, 4>{});
+    } else if (is(8, 16)) {
+      launch(warp_lanes<8, 16, 4>{});
     } else {  // any E
       launch(warp_lanes<32>{});
     }
   } else {
     if (is(1, 8)) {
       launch(warp_lanes<1, 8>{});
-    } else if (is(2, 8)) {
-      launch(warp_lanes<2, 8>{});
     } else if (is(1, 16)) {
       launch(warp_lanes<1, 16>{});
+    } else if (is(4, 32)) {
+      launch(warp_lanes<4, 32, 8>{});
     } else {  // any E
       launch(warp_lanes<32>{});
     }

@@ -54,6 +54,9 @@ struct serial_lanes {
   }
   /// How many steps of count() elements cover a row of n (an upper bound is allowed).
   ROUTEGRAD_HD static constexpr int steps(int n) { return n; }
+  /// Words of a row's element set in index order (row_math.hpp positive_elements): none, rows
+  /// have no bound here.
+  static constexpr int index_words = 0;
 
   template <class M>
   ROUTEGRAD_HD M sum(M x) const {

@@ -115,11 +115,24 @@ ROUTEGRAD_HD M sum_exp_clean(const Lanes& lanes, const Row& row, M m) {
   return lanes.sum(s);
 }
 
+/// The elements of a row with a positive candidate weight, as candidate_weights finds them for
+/// inverse_cdf. A lanes policy whose rows are unrolled completely and bounded by 256 elements
+/// (Lanes::index_words > 0) keeps them for the whole group in index order: bit i % 32 of word
+/// i / 32 is element i, so the draw walks them with no step across lanes. Otherwise bit s of
+/// word[0] is this lane's element of step s (elements s·L .. s·L + L − 1; rows of at most 32
+/// steps: longer rows are scanned whole).
+template <class Lanes>
+struct positive_elements {
+  static constexpr int words = Lanes::index_words;
+  static constexpr bool indexed = words > 0;
+  unsigned word[indexed ? words : 1] = {};
+};
+
 /// Writes w_i = exp(logit(i) − m) for the entries with include(i, logit(i)), 0 for the others, into
 /// the lane-owned elements of `weights` (lane l writes i ≡ l mod L), and returns Σ w. The passes
 /// that follow (the inverse-CDF draw, the softmax Jacobian) read these instead of testing the mask
-/// and calling exp again. With `live`, also sets bit s of *live when this lane's element of step s
-/// (elements s·L .. s·L + L − 1) has a positive weight, for inverse_cdf (rows of ≤ 32 steps).
+/// and calling exp again. With `live`, also records in *live which elements have a positive
+/// weight (positive_elements), for inverse_cdf.
 ///
 /// The pass decides each element with include.quick(i, z, unsure) — comparisons only, no branch
 /// (an element's division or any branch in the loop body would split the unrolled pass into one
@@ -129,34 +142,53 @@ ROUTEGRAD_HD M sum_exp_clean(const Lanes& lanes, const Row& row, M m) {
 /// always include's.
 template <class M, class Lanes, class Row, class Include>
 ROUTEGRAD_HD M candidate_weights(const Lanes& lanes, const Row& row, M m, Include include,
-                                 M* weights, unsigned* live = nullptr) {
+                                 M* weights, positive_elements<Lanes>* live = nullptr) {
+  using found_t = positive_elements<Lanes>;
   M s = M(0);
-  unsigned bits = 0;
+  found_t found;
   const int n = row.size();
-  const bool track = live != nullptr && lanes.steps(n) <= 32;
+  const bool track = live != nullptr && (found_t::indexed || lanes.steps(n) <= 32);
   const unsigned L = static_cast<unsigned>(lanes.count());
   const auto put = [&](int i, M z, bool keep) {
     const M w = math::exp_where(z - m, [keep] { return keep; });
     weights[i] = w;
     s += w;
-    // (i − lane) / L is this element's step: folds to a constant in unrolled loops.
-    if (track && w > M(0)) bits |= 1u << (static_cast<unsigned>(i - lanes.lane()) / L);
+    return w;
+  };
+  // Records element i (owned by this lane) when w > 0. i − lane is step · L: a constant in
+  // unrolled loops, so the word and the bit's offset are too (indexed: i's bit is (i − lane) % 32
+  // + lane, as L divides 32).
+  const auto mark = [&](int i, M w) {
+    const unsigned at = static_cast<unsigned>(i - lanes.lane());
+    if constexpr (found_t::indexed) {
+      if (w > M(0)) found.word[at / 32] |= 1u << (at % 32 + static_cast<unsigned>(lanes.lane()));
+    } else {
+      if (w > M(0)) found.word[0] |= 1u << (at / L);
+    }
   };
   bool unsure = !include.has_quick();
   if (!unsure)
     lanes.each(n, [&](int i) {
       const M z = row.logit(i);
-      put(i, z, include.quick(i, z, unsure));
+      const M w = put(i, z, include.quick(i, z, unsure));
+      if (track) mark(i, w);
     });
   if (unsure) {  // this lane's elements again, exactly (a plain loop: it rarely runs)
     s = M(0);
-    bits = 0;
     for (int i = lanes.lane(); i < n; i += lanes.count()) {
       const M z = row.logit(i);
       put(i, z, include(i, z));
     }
+    if (track) {  // (marked by each(): the plain loop's run-time index would not fold)
+      found = found_t{};
+      lanes.each(n, [&](int i) { mark(i, weights[i]); });
+    }
   }
-  if (live) *live = bits;
+  if (track) {
+    if constexpr (found_t::indexed)
+      for (int q = 0; q < found_t::words; ++q) found.word[q] = lanes.bit_or(found.word[q]);
+    *live = found;
+  }
   return lanes.sum(s);
 }
 
@@ -164,14 +196,23 @@ ROUTEGRAD_HD M candidate_weights(const Lanes& lanes, const Row& row, M m, Includ
 /// weights exceeds `target` (= u · Σ w, u in (0,1)). If rounding leaves the target unreached, the
 /// last entry with positive weight is taken. Needs one uniform, not one per expert. The running
 /// sum adds the positive weights one at a time in index order — every lane does it, reading the
-/// weights from the row, so every back end sums in the same order. `live_bits`: this lane's bits
-/// from candidate_weights (unused for rows of more than 32 steps, which scan every step).
+/// weights from the row, so every back end sums in the same order. `live`: candidate_weights'
+/// positive elements (unused for rows of more than 32 steps without an index-order set, which
+/// scan every step).
 template <class M, class Lanes>
 ROUTEGRAD_HD int inverse_cdf(const Lanes& lanes, const M* weights, int n, M target,
-                             unsigned live_bits) {
+                             const positive_elements<Lanes>& live) {
+  using found_t = positive_elements<Lanes>;
   const int L = lanes.count();
   M running = M(0);
   int last_positive = -1;
+  // Adds element e's weight; true when it reaches the target.
+  const auto add = [&](int e) {
+    running += weights[e];
+    if (running > target) return true;
+    last_positive = e;
+    return false;
+  };
   // One step covers elements step·L .. step·L + L − 1; a step without a positive weight adds
   // nothing (most experts are masked out), so only the steps in `live` are scanned, and in a
   // step only the lanes holding a positive weight.
@@ -181,16 +222,21 @@ ROUTEGRAD_HD int inverse_cdf(const Lanes& lanes, const M* weights, int n, M targ
     for (unsigned holders = lanes.ballot(i < n && weights[i] > M(0)); holders != 0;
          holders &= holders - 1) {
       const int e = base + math::lowest_bit(holders);
-      running += weights[e];
-      if (running > target) return e;
-      last_positive = e;
+      if (add(e)) return e;
     }
     return -1;
   };
   const auto draw = [&] {
-    if (lanes.steps(n) <= 32) {
-      for (unsigned live = lanes.bit_or(live_bits); live != 0; live &= live - 1) {
-        const int hit = scan_step(math::lowest_bit(live));
+    if constexpr (found_t::indexed) {
+      // Every lane of the group walks the same elements, in index order: no step across lanes.
+      for (int q = 0; q < found_t::words; ++q)
+        for (unsigned bits = live.word[q]; bits != 0; bits &= bits - 1) {
+          const int e = 32 * q + math::lowest_bit(bits);
+          if (add(e)) return e;
+        }
+    } else if (lanes.steps(n) <= 32) {
+      for (unsigned steps = lanes.bit_or(live.word[0]); steps != 0; steps &= steps - 1) {
+        const int hit = scan_step(math::lowest_bit(steps));
         if (hit >= 0) return hit;
       }
     } else {

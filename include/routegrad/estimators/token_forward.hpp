@@ -50,7 +50,7 @@ ROUTEGRAD_HD token_outcome token_forward(const Lanes& lanes, const Row& row, Slo
     }
     const slot_candidates<Est, M, Row, Taken> candidate{row, taken, top.value, two_eps};
     slot_softmax<M> sm = shared;
-    [[maybe_unused]] unsigned live = 0;  // lane steps holding a candidate (inverse-CDF draw)
+    [[maybe_unused]] positive_elements<Lanes> live;  // the candidates (inverse-CDF draw)
     if constexpr (Est::per_slot_softmax)
       sm = {top.value, candidate_weights(lanes, row, top.value, candidate, weights, &live)};
 
