@@ -45,6 +45,7 @@ routegrad::host_routing_state host_state(const at::Tensor& experts, const at::Te
   state.experts = view2<std::int32_t, kHost>(experts);
   if (coins.defined()) state.coins = view2<std::uint8_t, kHost>(coins);
   state.rng = o.rng;
+  state.offset_counter = o.offset_counter;
   return state;
 }
 
@@ -95,17 +96,19 @@ at::Tensor backward_cpu(const at::Tensor& logits, const at::Tensor& experts,
 }
 
 /// forward(logits [T, E], k, estimator, mode, jitter_eps, seed, offset, renormalize,
-///         load_balance_coef, z_loss_coef) -> (gates [T, k], experts int32 [T, k],
-///         coins uint8 [T, k], stats: dict of expert_counts int64 [E], load_balance_loss,
-///         z_loss (float64 scalars; 0 unless their coefficient is non-zero), nonfinite_rows
-///         (int64 scalar)), on the logits' device.
+///         load_balance_coef, z_loss_coef, offset_counter=None) -> (gates [T, k],
+///         experts int32 [T, k], coins uint8 [T, k], stats: dict of expert_counts int64 [E],
+///         load_balance_loss, z_loss (float64 scalars; 0 unless their coefficient is non-zero),
+///         nonfinite_rows (int64 scalar)), on the logits' device. offset_counter: see
+///         counter_pointer (routegrad_ext.hpp).
 py::tuple forward(const at::Tensor& logits, std::int64_t k, const std::string& estimator,
                   const std::string& mode, double jitter_eps, std::int64_t seed,
                   std::int64_t offset, bool renormalize, double load_balance_coef,
-                  double z_loss_coef) {
-  const call_options o = make_options(k, estimator, mode, jitter_eps, seed, offset, renormalize,
-                                      load_balance_coef, z_loss_coef);
+                  double z_loss_coef, const c10::optional<at::Tensor>& offset_counter) {
+  call_options o = make_options(k, estimator, mode, jitter_eps, seed, offset, renormalize,
+                                load_balance_coef, z_loss_coef);
   require_2d(logits, "logits");
+  o.offset_counter = counter_pointer(offset_counter, logits);
   forward_result r;
   if (logits.is_cuda()) {
 #if defined(ROUTEGRAD_EXT_CUDA)
@@ -126,18 +129,21 @@ py::tuple forward(const at::Tensor& logits, std::int64_t k, const std::string& e
   return py::make_tuple(r[0], r[1], r[2], stats);
 }
 
-/// backward(logits, experts, coins, grad_gates, <the forward's options>, expert_counts=None)
-/// -> grad_logits [T, E] (the logits' dtype). expert_counts (the forward's stats) is needed when
-/// load_balance_coef != 0; coins may be None for estimators without a coin.
+/// backward(logits, experts, coins, grad_gates, <the forward's options>, expert_counts=None,
+/// offset_counter=None) -> grad_logits [T, E] (the logits' dtype). expert_counts (the forward's
+/// stats) is needed when load_balance_coef != 0; coins may be None for estimators without a coin;
+/// offset_counter must hold the value the forward saw (Switch's backward redraws its noise).
 at::Tensor backward(const at::Tensor& logits, const at::Tensor& experts,
                     const c10::optional<at::Tensor>& coins_in, const at::Tensor& grad_gates_in,
                     std::int64_t k, const std::string& estimator, const std::string& mode,
                     double jitter_eps, std::int64_t seed, std::int64_t offset, bool renormalize,
                     double load_balance_coef, double z_loss_coef,
-                    const c10::optional<at::Tensor>& counts_in) {
-  const call_options o = make_options(k, estimator, mode, jitter_eps, seed, offset, renormalize,
-                                      load_balance_coef, z_loss_coef);
+                    const c10::optional<at::Tensor>& counts_in,
+                    const c10::optional<at::Tensor>& offset_counter) {
+  call_options o = make_options(k, estimator, mode, jitter_eps, seed, offset, renormalize,
+                                load_balance_coef, z_loss_coef);
   require_2d(logits, "logits");
+  o.offset_counter = counter_pointer(offset_counter, logits);
   require_2d(experts, "experts");
   require_dtype(experts, at::kInt, "experts");
   require_device(experts, logits, "experts");
@@ -179,12 +185,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &routegrad_ext::forward, py::arg("logits"), py::arg("k"), py::arg("estimator"),
         py::arg("mode") = "train", py::arg("jitter_eps") = 0.1, py::arg("seed") = 0,
         py::arg("offset") = 0, py::arg("renormalize") = false, py::arg("load_balance_coef") = 0.0,
-        py::arg("z_loss_coef") = 0.0);
+        py::arg("z_loss_coef") = 0.0, py::arg("offset_counter") = py::none());
   m.def("backward", &routegrad_ext::backward, py::arg("logits"), py::arg("experts"),
         py::arg("coins"), py::arg("grad_gates"), py::arg("k"), py::arg("estimator"),
         py::arg("mode") = "train", py::arg("jitter_eps") = 0.1, py::arg("seed") = 0,
         py::arg("offset") = 0, py::arg("renormalize") = false, py::arg("load_balance_coef") = 0.0,
-        py::arg("z_loss_coef") = 0.0, py::arg("expert_counts") = py::none());
+        py::arg("z_loss_coef") = 0.0, py::arg("expert_counts") = py::none(),
+        py::arg("offset_counter") = py::none());
 #if defined(ROUTEGRAD_EXT_CUDA)
   m.attr("with_cuda") = true;
 #else

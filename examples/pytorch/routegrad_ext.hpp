@@ -20,6 +20,7 @@ struct call_options {
   routegrad::routing_options routing;
   std::string estimator;
   routegrad::rng_stream rng;
+  const std::uint64_t* offset_counter = nullptr;  // routing_state::offset_counter (may be null)
 };
 
 /// Fails an argument check: pybind11 raises it as a Python RuntimeError with this message.
@@ -86,6 +87,21 @@ inline void require_device(const at::Tensor& t, const at::Tensor& logits, const 
   if (t.device() != logits.device())
     fail(std::string(name) + ": must be on the same device as logits (" + logits.device().str() +
          "), got " + t.device().str());
+}
+
+/// The optional offset counter: a one-element int64 tensor on the logits' device whose value
+/// routegrad adds to `offset` when the call runs (routing_state::offset_counter; on CUDA read by
+/// the kernels, so a captured CUDA graph draws anew after the counter is advanced, e.g. by an
+/// in-place `counter += 1` captured ahead of the step). Read as uint64: a negative value wraps.
+inline const std::uint64_t* counter_pointer(const c10::optional<at::Tensor>& counter,
+                                            const at::Tensor& logits) {
+  if (!counter.has_value()) return nullptr;
+  const at::Tensor& c = *counter;
+  require_dtype(c, at::kLong, "offset_counter");
+  require_device(c, logits, "offset_counter");
+  if (c.numel() != 1)
+    fail("offset_counter: must hold one element, got " + std::to_string(c.numel()));
+  return reinterpret_cast<const std::uint64_t*>(c.data_ptr<std::int64_t>());
 }
 
 /// Where routegrad writes a loss value: only when its coefficient is non-zero (the value is

@@ -52,6 +52,7 @@ routegrad::cuda::device_routing_state device_state(const at::Tensor& experts,
   state.experts = view2<std::int32_t, kDevice>(experts);
   if (coins.defined()) state.coins = view2<std::uint8_t, kDevice>(coins);
   state.rng = o.rng;
+  state.offset_counter = o.offset_counter;
   return state;
 }
 

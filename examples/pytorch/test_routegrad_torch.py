@@ -140,6 +140,28 @@ def same_seed_and_offset_same_choices():
     assert not torch.equal(a.experts, c.experts), "another offset should draw other choices"
 
 
+@check
+def offset_counter_adds_to_the_offset():
+    # A counter holding c draws as offset + c, forward and backward (Switch's backward redraws
+    # its noise from the same stream); a bad counter is refused naming it.
+    z = test_logits(torch.float32)
+    gg = torch.randn(z.shape[0], 2, dtype=torch.float64).float()
+    for est in rt.ESTIMATORS:
+        counter = torch.tensor([4], dtype=torch.int64)
+        za, zb = z.clone().requires_grad_(), z.clone().requires_grad_()
+        a = rt.route(za, k=2, estimator=est, seed=11, offset=1, offset_counter=counter)
+        b = rt.route(zb, k=2, estimator=est, seed=11, offset=5)
+        assert torch.equal(a.experts, b.experts) and torch.equal(a.coins, b.coins), est
+        assert torch.equal(a.gates, b.gates), est
+        a.gates.backward(gg)
+        b.gates.backward(gg)
+        assert torch.equal(za.grad, zb.grad), est
+    c = rt.route(z, k=2, seed=11, offset=1, offset_counter=torch.tensor([5]))
+    assert not torch.equal(c.experts, b.experts), "another counter value should draw anew"
+    raises(lambda: rt.route(z, k=2, offset_counter=torch.tensor([1, 2])), "offset_counter")
+    raises(lambda: rt.route(z, k=2, offset_counter=torch.tensor([1.0])), "offset_counter", "Long")
+
+
 def raises(fn, *words):
     try:
         fn()

@@ -59,19 +59,20 @@ class RouteFunction(torch.autograd.Function):
     """forward: routegrad's forward; backward: routegrad's estimator of dL/dlogits.
 
     apply(logits, k, estimator, mode, jitter_eps, seed, offset, renormalize, load_balance_coef,
-    z_loss_coef) -> (gates, experts, coins, load_balance_loss, z_loss, expert_counts,
-    nonfinite_rows). gates and the two losses are differentiable; a loss that is used costs one
+    z_loss_coef, offset_counter) -> (gates, experts, coins, load_balance_loss, z_loss,
+    expert_counts, nonfinite_rows). gates and the two losses are differentiable; a loss that is used costs one
     host synchronisation in the backward (its upstream gradient scales the coefficient).
     """
 
     @staticmethod
     def forward(ctx, logits, k, estimator, mode, jitter_eps, seed, offset, renormalize,
-                load_balance_coef, z_loss_coef):
+                load_balance_coef, z_loss_coef, offset_counter):
         ctx.options = (k, estimator, mode, jitter_eps, seed, offset, renormalize)
         ctx.coefs = (load_balance_coef, z_loss_coef)
+        ctx.offset_counter = offset_counter
         gates, experts, coins, stats = load().forward(logits, k, estimator, mode, jitter_eps, seed,
                                                       offset, renormalize, load_balance_coef,
-                                                      z_loss_coef)
+                                                      z_loss_coef, offset_counter)
         counts, nonfinite = stats["expert_counts"], stats["nonfinite_rows"]
         ctx.save_for_backward(logits, experts, coins, counts)
         ctx.mark_non_differentiable(experts, coins, counts, nonfinite)
@@ -88,8 +89,8 @@ class RouteFunction(torch.autograd.Function):
         if grad_gates is None:
             grad_gates = torch.zeros(experts.shape, dtype=logits.dtype, device=logits.device)
         grad = load().backward(logits, experts, coins, grad_gates, *ctx.options, alpha, beta,
-                               counts)
-        return (grad,) + (None,) * 9
+                               counts, ctx.offset_counter)
+        return (grad,) + (None,) * 10
 
 
 Routing = collections.namedtuple(
@@ -97,12 +98,19 @@ Routing = collections.namedtuple(
 
 
 def route(logits, k=2, estimator="sparsemixer_heun3", mode="train", jitter_eps=0.1, seed=0,
-          offset=0, renormalize=False, load_balance_coef=0.0, z_loss_coef=0.0):
+          offset=0, renormalize=False, load_balance_coef=0.0, z_loss_coef=0.0,
+          offset_counter=None):
     """Routes logits [T, E] (CPU: float32/64; CUDA: also float16/bfloat16) to k experts a token.
 
     Use a new offset (or seed) per training step; the same (seed, offset) gives the same
     choices. Returns a Routing; gates [T, k] and the two auxiliary losses carry gradients.
+
+    offset_counter: optional one-element int64 tensor on the logits' device whose value is added
+    to offset when the forward and the backward run (on CUDA, read by the kernels: a step captured
+    in a CUDA graph with `counter += 1` ahead of it draws anew on every replay). Keep its value
+    between a step's forward and backward.
     """
     return Routing(*RouteFunction.apply(logits, int(k), estimator, mode, float(jitter_eps),
                                         int(seed), int(offset), bool(renormalize),
-                                        float(load_balance_coef), float(z_loss_coef)))
+                                        float(load_balance_coef), float(z_loss_coef),
+                                        offset_counter))
