@@ -219,6 +219,41 @@ def cuda_matches_cpu():
 
 
 @check
+def cuda_graph_with_offset_counter_draws_anew():
+    # A step captured in a CUDA graph as [counter += 1, route]: replay r draws as offset + r.
+    if not (torch.cuda.is_available() and rt.load().with_cuda):
+        return SKIP + ": no CUDA device, or the extension was built without its CUDA path"
+    z = test_logits(torch.float32, "cuda")
+    counter = torch.zeros(1, dtype=torch.int64, device="cuda")
+    out = {}
+
+    def step():
+        counter.add_(1)
+        out["r"] = rt.route(z, k=2, seed=7, offset=100, offset_counter=counter)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graph asks
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    counter.zero_()
+    drawn = []
+    for r in range(1, 4):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert int(counter.item()) == r
+        direct = rt.route(z, k=2, seed=7, offset=100 + r)
+        assert torch.equal(out["r"].experts, direct.experts), r
+        assert torch.equal(out["r"].coins, direct.coins), r
+        assert torch.equal(out["r"].gates, direct.gates), r
+        drawn.append(out["r"].experts.clone())
+    assert not torch.equal(drawn[0], drawn[1]), "replays should draw anew"
+
+
+@check
 def heun3_top2_matches_hf_phimoe_sparsemixer():
     try:
         from transformers.models.phimoe.modeling_phimoe import sparsemixer
