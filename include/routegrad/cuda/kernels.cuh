@@ -19,7 +19,7 @@ namespace routegrad::cuda::detail {
 /// 128: 8 → 4 made the SparseMixer backward 12% faster; 4 → 2 (2026-11-30 07:28 UTC, T = 131072)
 /// midpoint's backward 58.0–58.5 → 55.8–55.9 µs at E = 128 and 34.7–34.9 → 33.5–33.6 at E = 64,
 /// heun3 top-2 fwd + bwd 170.4–170.9 → 165.6–165.7 at E = 128 and 95.8–96.4 → 92.3–92.6 at
-/// E = 64; 1 helped top-1's backward a little more (54.9 at E = 128) and cost top-2 5%).
+/// E = 64; 1 helped top-1's backward a little more (54.9 at E = 128) and cost top-2 3–6%).
 inline constexpr int register_slots = 2;
 /// Blocks of 256 threads the routing kernels are compiled to keep resident per multiprocessor
 /// (caps them at 64 registers). They are bound by instruction issue and latency; on an H200 at
