@@ -2,7 +2,8 @@
 // (fp32, fp64, fp16, bf16 logits; gates and gradients in the logits' type), on the current CUDA
 // stream of the logits' device, with no host synchronisation. Compiled only when torch has CUDA
 // and nvcc is found (routegrad_torch/__init__.py); routegrad_ext.cpp calls it for CUDA tensors
-// after its own argument checks.
+// after its own argument checks. This file allocates the outputs and picks the logits' type; the
+// routing calls of each type are compiled in their own file (routegrad_ext_cuda.cuh).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -10,14 +11,10 @@
 #include <cstddef>
 #include <cstdint>
 
-#include <routegrad/cuda.cuh>
-
-#include "routegrad_ext.hpp"
+#include "routegrad_ext_cuda.cuh"
 
 namespace routegrad_ext {
 namespace {
-
-constexpr routegrad::memory_space kDevice = routegrad::memory_space::device;
 
 template <class T>
 struct tag {
@@ -80,12 +77,7 @@ forward_result forward_cuda(const at::Tensor& logits, const call_options& o) {
   const routegrad::cuda::execution exec{stream, bytes > 0 ? workspace.data_ptr() : nullptr, bytes};
   const routegrad::cuda::device_routing_state state = device_state(experts, coins, o);
   with_device_float(logits, [&](auto t) {
-    using T = typename decltype(t)::type;
-    with_estimator(o.estimator, [&](auto est) {
-      using Est = decltype(est);
-      routegrad::check(routegrad::route_forward<Est>(o.routing, view2<const T, kDevice>(logits),
-                                                     state, view2<T, kDevice>(gates), stats, exec));
-    });
+    forward_as<typename decltype(t)::type>(o, logits, state, gates, stats, exec);
   });
   return {gates, experts, coins, counts, lb_loss, z_loss, nonfinite};
 }
@@ -101,13 +93,7 @@ at::Tensor backward_cuda(const at::Tensor& logits, const at::Tensor& experts,
   const routegrad::cuda::device_routing_state state = device_state(experts, coins, o);
   const routegrad::cuda::execution exec{stream};
   with_device_float(logits, [&](auto t) {
-    using T = typename decltype(t)::type;
-    with_estimator(o.estimator, [&](auto est) {
-      using Est = decltype(est);
-      routegrad::check(routegrad::route_backward<Est>(
-          o.routing, view2<const T, kDevice>(logits), state, view2<const T, kDevice>(grad_gates),
-          view2<T, kDevice>(grad_logits), routegrad::grad_mode::overwrite, stats, exec));
-    });
+    backward_as<typename decltype(t)::type>(o, logits, state, grad_gates, grad_logits, stats, exec);
   });
   return grad_logits;
 }

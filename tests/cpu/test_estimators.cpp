@@ -1,7 +1,7 @@
 // Each estimator's gates and logit gradients on the CPU against the double-precision SPEC
 // reference (tests/common/estimator_reference.hpp), for the choices and coins the library drew:
-// random inputs, E in {1, 2, 7, 8, 64, 100}, k in {1, 2, 3}, contiguous and strided views, float
-// and double, every output poisoned before the call. Also: replay of a hand-built state, the
+// random inputs, E in {1, 2, 7, 8, 24, 64, 100}, k in {1, 2, 3}, contiguous and strided views,
+// float and double, every output poisoned before the call. Also: replay of a hand-built state, the
 // auxiliary losses, accumulate mode.
 #include <doctest/doctest.h>
 
@@ -155,7 +155,7 @@ void check_against_reference(const case_params& c, std::uint64_t seed) {
 
 template <class Est, class T>
 void sweep(std::uint64_t seed) {
-  for (index_t E : {1, 2, 7, 8, 64, 100})
+  for (index_t E : {1, 2, 7, 8, 24, 64, 100})
     for (int k : {1, 2, 3}) {
       if (k > E) continue;
       for (bool strided : {false, true})

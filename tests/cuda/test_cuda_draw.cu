@@ -2,7 +2,9 @@
 // positive candidate weights candidate_weights records (in index order for the whole group where
 // the policy has index words, per lane step otherwise) and the element inverse_cdf picks, against
 // a serial scan of the same weights (the device's, copied back) — exactly, including targets equal
-// to a running sum, one ulp either side of it, and beyond the total.
+// to a running sum, one ulp either side of it, and beyond the total. The candidates are the
+// host's jitter_masked test; in candidate_weights' sparse form only their weights are written (the
+// others hold no meaning), otherwise every weight is (0 for the masked).
 #include <cuda_runtime.h>
 #include <doctest/doctest.h>
 
@@ -73,6 +75,9 @@ template <class Lanes>
 void check_policy(int n, float two_eps, std::uint64_t seed) {
   constexpr int width = Lanes::count();
   constexpr bool indexed = positive_elements<Lanes>::indexed;
+  // candidate_weights' sparse form (sparse_weights): only the candidates' weights are written
+  const int steps = Lanes::per_lane > 0 ? Lanes::per_lane : (n + width - 1) / width;
+  const bool sparse = (indexed || steps <= 32) && steps >= sparse_weights_min_steps;
   const int rows = 67;  // not a multiple of the rows per block
   std::mt19937_64 gen(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -121,10 +126,12 @@ void check_policy(int n, float two_eps, std::uint64_t seed) {
     if (pass == 1) break;
     for (int r = 0; r < rows; ++r) {  // running sums, one ulp either side, 0, beyond the total
       const float* w = weights.data() + static_cast<std::size_t>(r) * n;
+      const float* z = logits.data() + static_cast<std::size_t>(r) * n;
       std::vector<float> sums;
       float running = 0.0f;
       for (int i = 0; i < n; ++i)
-        if (w[i] > 0.0f) sums.push_back(running += w[i]);
+        if (!jitter_masked(z[i], row_max[r], two_eps) && w[i] > 0.0f)
+          sums.push_back(running += w[i]);
       float* t = targets.data() + static_cast<std::size_t>(r) * per_row;
       int c = 0;
       t[c++] = 0.0f;
@@ -140,12 +147,18 @@ void check_policy(int n, float two_eps, std::uint64_t seed) {
   int positives = 0;
   for (int r = 0; r < rows; ++r) {
     CAPTURE(r);
-    const float* w = weights.data() + static_cast<std::size_t>(r) * n;
+    float* w = weights.data() + static_cast<std::size_t>(r) * n;
     unsigned expect[max_words] = {};
     for (int i = 0; i < n; ++i) {
-      REQUIRE(w[i] >= 0.0f);  // every element written (the poison is NaN)
+      CAPTURE(i);
+      if (jitter_masked(logits[static_cast<std::size_t>(r) * n + i], row_max[r], two_eps)) {
+        if (!sparse) REQUIRE(w[i] == 0.0f);  // every element written (the poison is NaN)
+        w[i] = 0.0f;                         // (for the serial draw)
+        continue;
+      }
+      REQUIRE(w[i] >= 0.0f);  // every candidate written
       if (w[i] > 0.0f) {
-        expect[i / 32] |= 1u << (i % 32);
+        if (i < 32 * max_words) expect[i / 32] |= 1u << (i % 32);  // (indexed rows: all of them)
         ++positives;
       }
     }
@@ -190,5 +203,7 @@ TEST_CASE("cuda draw: index-order candidate sets and the inverse CDF, every kind
     check_policy<warp_lanes<4, 32, 8>>(100, two_eps, 13);
     check_policy<warp_lanes<4, 16, 4>>(64, two_eps, 14);
     check_policy<warp_lanes<32>>(1000, two_eps, 15);
+    // rows of more than 32 steps: no set kept, every weight written, every step scanned
+    check_policy<warp_lanes<32>>(1100, two_eps, 16);
   }
 }

@@ -169,3 +169,54 @@ TEST_CASE("cuda routing: a gradient type wider than the logits' (float logits, d
     differ += !(as_double[i] == static_cast<double>(as_float[i]));
   CHECK(differ == 0);
 }
+TEST_CASE("cuda routing fp32: a chosen expert whose fast-exp weight underflows keeps its δ term") {
+  // SparseMixer's sparse backward (rows of ≥ 16 steps per lane) visits the positive weights
+  // alone. A chosen expert 90 below a max of 10^4 is a candidate (90 / 10^4 < 2ε), its π_D is
+  // subnormal (exp(−90) ≈ 8e−40), and the GPU's flushing ex2.approx gives it weight 0: the δ
+  // term of the Jacobian, coef = w·G·π_D, must still be written there. G = 10^30 makes it 8e−10.
+  using routegrad::test::gpu::device_buffer;
+  const index_t T = 40, E = 128;  // the backward's shape: 8 lanes × 16 steps (sparse)
+  const int chosen = 77;
+  std::vector<float> logits(static_cast<std::size_t>(T * E), 0.0f);
+  for (index_t t = 0; t < T; ++t) {
+    logits[static_cast<std::size_t>(t * E + t % 5)] = 1e4f;
+    logits[static_cast<std::size_t>(t * E + chosen)] = 1e4f - 90.0f;
+  }
+  std::vector<std::int32_t> experts(static_cast<std::size_t>(T), chosen);
+  std::vector<std::uint8_t> coins(static_cast<std::size_t>(T), 0);
+  std::vector<float> grad_gates(static_cast<std::size_t>(T), 1e30f);
+  routing_options opt;
+  opt.k = 1;
+  opt.jitter_eps = 0.01;
+  device_buffer<float> d_logits(logits), d_grad_gates(grad_gates);
+  device_buffer<std::int32_t> d_experts(experts);
+  device_buffer<std::uint8_t> d_coins(coins);
+  device_buffer<float> d_grad(std::vector<float>(logits.size(), std::nanf("")));
+  const cuda::device_routing_state state{device_view<std::int32_t, 2>(d_experts.ptr, {T, 1}),
+                                         device_view<std::uint8_t, 2>(d_coins.ptr, {T, 1}),
+                                         {5, 1, 0}};
+  REQUIRE(route_backward<sparsemixer_midpoint>(
+              opt, device_view<const float, 2>(d_logits.ptr, {T, E}), state,
+              device_view<const float, 2>(d_grad_gates.ptr, {T, 1}),
+              device_view<float, 2>(d_grad.ptr, {T, E}))
+              .is_ok());
+  RG_CUDA_REQUIRE(cudaDeviceSynchronize());
+  const std::vector<float> grad = d_grad.download();
+  std::vector<float> cpu(logits.size(), std::nanf(""));
+  REQUIRE(route_backward<sparsemixer_midpoint>(
+              opt, host_matrix<const float>(logits.data(), T, E),
+              host_routing_state{
+                  host_matrix(experts.data(), T, 1), host_matrix(coins.data(), T, 1), {5, 1, 0}},
+              host_matrix<const float>(grad_gates.data(), T, 1), host_matrix(cpu.data(), T, E))
+              .is_ok());
+  for (index_t t = 0; t < T; ++t) {
+    CAPTURE(t);
+    const float expect = cpu[static_cast<std::size_t>(t * E + chosen)];
+    REQUIRE(expect > 1e-10f);  // the CPU's exact exp keeps π_D and the weight
+    CHECK(grad[static_cast<std::size_t>(t * E + chosen)] == doctest::Approx(expect).epsilon(1e-3));
+    for (index_t e = 0; e < E; ++e)
+      if (e != chosen)
+        CHECK(std::abs(grad[static_cast<std::size_t>(t * E + e)] -
+                       cpu[static_cast<std::size_t>(t * E + e)]) <= 1e-3f * expect);
+  }
+}

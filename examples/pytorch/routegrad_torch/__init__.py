@@ -4,7 +4,7 @@
     r = route(logits, k=2, estimator="sparsemixer_heun3", seed=0, offset=step)
     y = (r.gates.unsqueeze(-1) * expert_outputs(r.experts)).sum(1)   # r.gates carries the gradient
 
-The C++ extension (../routegrad_ext.cpp, plus ../routegrad_ext_cuda.cu when torch has CUDA and
+The C++ extension (../routegrad_ext.cpp, plus ../routegrad_ext_cuda*.cu when torch has CUDA and
 nvcc is found) is compiled on first use with torch.utils.cpp_extension.load into
 $ROUTEGRAD_TORCH_BUILD_DIR (default: <repo>/build/pytorch-ext).
 """
@@ -39,7 +39,9 @@ def load(build_directory=None, verbose=False):
         sources = [os.path.join(_EXAMPLE_DIR, "routegrad_ext.cpp")]
         flags = ["-O2", "-std=c++17"]
         if with_cuda:
-            sources.append(os.path.join(_EXAMPLE_DIR, "routegrad_ext_cuda.cu"))
+            # One file per logits type, so that ninja compiles them in parallel (cuh's note).
+            sources += [os.path.join(_EXAMPLE_DIR, "routegrad_ext_cuda" + part + ".cu")
+                        for part in ("", "_float", "_double", "_half", "_bfloat16")]
             flags.append("-DROUTEGRAD_EXT_CUDA=1")
         _ext = cpp_extension.load(
             name="routegrad_ext_cuda" if with_cuda else "routegrad_ext_cpu",

@@ -116,23 +116,74 @@ ROUTEGRAD_HD M sum_exp_clean(const Lanes& lanes, const Row& row, M m) {
 }
 
 /// The elements of a row with a positive candidate weight, as candidate_weights finds them for
-/// inverse_cdf. A lanes policy whose rows are unrolled completely and bounded by 256 elements
-/// (Lanes::index_words > 0) keeps them for the whole group in index order: bit i % 32 of word
-/// i / 32 is element i, so the draw walks them with no step across lanes. Otherwise bit s of
-/// word[0] is this lane's element of step s (elements s·L .. s·L + L − 1; rows of at most 32
-/// steps: longer rows are scanned whole).
+/// inverse_cdf and the backward's Jacobian. A lanes policy whose rows are unrolled completely and
+/// bounded by 256 elements (Lanes::index_words > 0) keeps them for the whole group in index order:
+/// bit i % 32 of word i / 32 is element i, so the draw walks them with no step across lanes.
+/// Otherwise bit s of word[0] is this lane's element of step s (elements s·L .. s·L + L − 1; rows
+/// of at most 32 steps: longer rows are scanned whole).
 template <class Lanes>
 struct positive_elements {
   static constexpr int words = Lanes::index_words;
   static constexpr bool indexed = words > 0;
   unsigned word[indexed ? words : 1] = {};
+
+  /// Calls f(i, q, b) for each element i of the set that this lane owns, in index order (which
+  /// is its step order); i is bit b of word q.
+  template <class F>
+  ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE void each_own(const Lanes& lanes, F&& f) const {
+    const unsigned L = static_cast<unsigned>(lanes.count());
+    if constexpr (indexed) {
+      // This lane's bits: those ≡ lane (mod L) (L divides 32).
+      const unsigned own = (L >= 32u ? 1u : ~0u / ((1u << L) - 1u)) << lanes.lane();
+      for (int q = 0; q < words; ++q)
+        for (unsigned bits = word[q] & own; bits != 0; bits &= bits - 1) {
+          const int b = math::lowest_bit(bits);
+          f(32 * q + b, q, b);
+        }
+    } else {
+      for (unsigned bits = word[0]; bits != 0; bits &= bits - 1) {
+        const int b = math::lowest_bit(bits);
+        f(lanes.lane() + b * static_cast<int>(L), 0, b);
+      }
+    }
+  }
 };
 
-/// Writes w_i = exp(logit(i) − m) for the entries with include(i, logit(i)), 0 for the others, into
-/// the lane-owned elements of `weights` (lane l writes i ≡ l mod L), and returns Σ w. The passes
-/// that follow (the inverse-CDF draw, the softmax Jacobian) read these instead of testing the mask
-/// and calling exp again. With `live`, also records in *live which elements have a positive
-/// weight (positive_elements), for inverse_cdf.
+/// Whether candidate_weights keeps a row's set of positive weights (positive_elements) for a lanes
+/// policy: with index words, or rows of at most 32 steps per lane.
+template <class Lanes>
+ROUTEGRAD_HD bool keeps_positive_elements(const Lanes& lanes, int n) {
+  return positive_elements<Lanes>::indexed || lanes.steps(n) <= 32;
+}
+
+/// Rows of at least this many steps per lane take candidate_weights' sparse form. Measured on an
+/// H200 (2026-11-30 09:57 UTC, T = 131072, SparseMixer midpoint, kernels launched directly): E =
+/// 128 (16 and 32 steps) forward + backward 98 → 90 µs, E = 64 (16 steps) 57.8 → 55.2, heun3
+/// top-2 E = 128 160 → 145; but E = 16's 4-step backward 17.9 → 19.9 µs and E = 32 (8 steps)
+/// 1–2% slower: on short rows the walk over the set costs more than the exps it saves.
+inline constexpr int sparse_weights_min_steps = 16;
+
+/// Whether candidate_weights takes its sparse form for `Include` on rows of n elements.
+template <class Include, class Lanes>
+ROUTEGRAD_HD bool sparse_weights(const Lanes& lanes, int n) {
+  return Include::sparse && keeps_positive_elements(lanes, n) &&
+         lanes.steps(n) >= sparse_weights_min_steps;
+}
+
+/// Writes w_i = exp(logit(i) − m) for the entries with include(i, logit(i)) into the lane-owned
+/// elements of `weights` (lane l writes i ≡ l mod L), and returns Σ w. The passes that follow (the
+/// inverse-CDF draw, the softmax Jacobian) read these instead of testing the mask and calling exp
+/// again. With `live`, also records in *live which elements have a positive weight
+/// (positive_elements), for inverse_cdf.
+///
+/// An Include with `sparse` (SparseMixer's jitter-masked slots: a few experts of the row) on rows
+/// whose set can be kept and that are long enough (sparse_weights) writes the weights of its
+/// candidates alone —
+/// the others hold no meaning afterwards and only the set says which are positive — and fills
+/// *live when given: one pass marks the candidates by comparisons, then each lane calls exp for its
+/// own candidates only. Otherwise every element is written (0 where include is false). Both forms
+/// add each lane's weights in step order and return the same sum (the dense form's extra terms
+/// are +0).
 ///
 /// The pass decides each element with include.quick(i, z, unsure) — comparisons only, no branch
 /// (an element's division or any branch in the loop body would split the unrolled pass into one
@@ -147,44 +198,68 @@ ROUTEGRAD_HD M candidate_weights(const Lanes& lanes, const Row& row, M m, Includ
   M s = M(0);
   found_t found;
   const int n = row.size();
-  const bool track = live != nullptr && (found_t::indexed || lanes.steps(n) <= 32);
+  const bool sparse = sparse_weights<Include>(lanes, n);
+  const bool track = sparse || (live != nullptr && keeps_positive_elements(lanes, n));
   const unsigned L = static_cast<unsigned>(lanes.count());
-  const auto put = [&](int i, M z, bool keep) {
-    const M w = math::exp_where(z - m, [keep] { return keep; });
-    weights[i] = w;
-    s += w;
-    return w;
-  };
-  // Records element i (owned by this lane) when w > 0. i − lane is step · L: a constant in
-  // unrolled loops, so the word and the bit's offset are too (indexed: i's bit is (i − lane) % 32
-  // + lane, as L divides 32).
-  const auto mark = [&](int i, M w) {
+  // Records element i (owned by this lane) when `in`. i − lane is step · L: a constant in unrolled
+  // loops, so the word and the bit's offset are too (indexed: i's bit is (i − lane) % 32 + lane,
+  // as L divides 32).
+  const auto mark = [&](int i, bool in) {
     const unsigned at = static_cast<unsigned>(i - lanes.lane());
     if constexpr (found_t::indexed) {
-      if (w > M(0)) found.word[at / 32] |= 1u << (at % 32 + static_cast<unsigned>(lanes.lane()));
+      if (in) found.word[at / 32] |= 1u << (at % 32 + static_cast<unsigned>(lanes.lane()));
     } else {
-      if (w > M(0)) found.word[0] |= 1u << (at / L);
+      if (in) found.word[0] |= 1u << (at / L);
     }
   };
   bool unsure = !include.has_quick();
-  if (!unsure)
-    lanes.each(n, [&](int i) {
-      const M z = row.logit(i);
-      const M w = put(i, z, include.quick(i, z, unsure));
-      if (track) mark(i, w);
-    });
-  if (unsure) {  // this lane's elements again, exactly (a plain loop: it rarely runs)
-    s = M(0);
-    for (int i = lanes.lane(); i < n; i += lanes.count()) {
-      const M z = row.logit(i);
-      put(i, z, include(i, z));
-    }
-    if (track) {  // (marked by each(): the plain loop's run-time index would not fold)
+  if (sparse) {
+    if (!unsure)
+      lanes.each(n, [&](int i) {
+        const M z = row.logit(i);
+        mark(i, include.quick(i, z, unsure));
+      });
+    if (unsure) {  // this lane's elements again, exactly (a plain loop: it rarely runs), their
+                   // answers passed through `weights` to be marked by each() (the plain loop's
+                   // run-time index would not fold)
+      for (int i = lanes.lane(); i < n; i += lanes.count())
+        weights[i] = include(i, row.logit(i)) ? M(1) : M(0);
       found = found_t{};
-      lanes.each(n, [&](int i) { mark(i, weights[i]); });
+      lanes.each(n, [&](int i) { mark(i, weights[i] > M(0)); });
+    }
+    found.each_own(lanes, [&](int i, int q, int b) {
+      const M w = math::exp_fast(row.logit(i) - m);
+      weights[i] = w;
+      s += w;
+      if (!(w > M(0))) found.word[q] &= ~(1u << b);  // exp underflowed: not positive
+    });
+  } else {
+    const auto put = [&](int i, M z, bool keep) {
+      const M w = math::exp_where(z - m, [keep] { return keep; });
+      weights[i] = w;
+      s += w;
+      if (track) mark(i, w > M(0));
+    };
+    if (!unsure)
+      lanes.each(n, [&](int i) {
+        const M z = row.logit(i);
+        put(i, z, include.quick(i, z, unsure));
+      });
+    if (unsure) {  // this lane's elements again, exactly (a plain loop: it rarely runs)
+      s = M(0);
+      for (int i = lanes.lane(); i < n; i += lanes.count()) {
+        const M z = row.logit(i);
+        const M w = math::exp_where(z - m, [&] { return include(i, z); });
+        weights[i] = w;
+        s += w;
+      }
+      if (track) {  // (marked by each(): the plain loop's run-time index would not fold)
+        found = found_t{};
+        lanes.each(n, [&](int i) { mark(i, weights[i] > M(0)); });
+      }
     }
   }
-  if (track) {
+  if (track && live != nullptr) {
     if constexpr (found_t::indexed)
       for (int q = 0; q < found_t::words; ++q) found.word[q] = lanes.bit_or(found.word[q]);
     *live = found;
@@ -216,11 +291,9 @@ ROUTEGRAD_HD int inverse_cdf(const Lanes& lanes, const M* weights, int n, M targ
   // One step covers elements step·L .. step·L + L − 1; a step without a positive weight adds
   // nothing (most experts are masked out), so only the steps in `live` are scanned, and in a
   // step only the lanes holding a positive weight.
-  const auto scan_step = [&](int step) {
+  const auto scan_step = [&](int step, bool mine) {
     const int base = step * L;
-    const int i = base + lanes.lane();
-    for (unsigned holders = lanes.ballot(i < n && weights[i] > M(0)); holders != 0;
-         holders &= holders - 1) {
+    for (unsigned holders = lanes.ballot(mine); holders != 0; holders &= holders - 1) {
       const int e = base + math::lowest_bit(holders);
       if (add(e)) return e;
     }
@@ -236,12 +309,14 @@ ROUTEGRAD_HD int inverse_cdf(const Lanes& lanes, const M* weights, int n, M targ
         }
     } else if (lanes.steps(n) <= 32) {
       for (unsigned steps = lanes.bit_or(live.word[0]); steps != 0; steps &= steps - 1) {
-        const int hit = scan_step(math::lowest_bit(steps));
+        const int step = math::lowest_bit(steps);
+        const int hit = scan_step(step, ((live.word[0] >> step) & 1u) != 0u);
         if (hit >= 0) return hit;
       }
     } else {
       for (int step = 0; step * L < n; ++step) {
-        const int hit = scan_step(step);
+        const int i = step * L + lanes.lane();
+        const int hit = scan_step(step, i < n && weights[i] > M(0));
         if (hit >= 0) return hit;
       }
     }

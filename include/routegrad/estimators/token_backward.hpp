@@ -43,11 +43,12 @@ struct slot_view {
   M pi_chosen;  // π_{D_j}, 0 when D_j is not a candidate of slot j
 };
 
-/// For per-slot softmaxes it also refills `weights` with slot j's candidate weights.
+/// For per-slot softmaxes it also refills `weights` with slot j's candidate weights and `live`
+/// with their positive elements (when candidate_weights keeps them).
 template <class Est, class M, class Lanes, class Row, class Slots>
 ROUTEGRAD_HD slot_view<M> recompute_slot(const Lanes& lanes, const Row& row, const Slots& slots,
                                          slot_softmax<M> shared, row_extreme<M> row_top, M two_eps,
-                                         int j, M* weights) {
+                                         int j, M* weights, positive_elements<Lanes>* live) {
   const int d = static_cast<int>(slots.expert(j));
   if constexpr (Est::per_slot_softmax) {
     return with_taken(lanes, slots, j, row.size(), [&](const auto& taken) -> slot_view<M> {
@@ -57,7 +58,7 @@ ROUTEGRAD_HD slot_view<M> recompute_slot(const Lanes& lanes, const Row& row, con
       if (top.index < 0) return {shared, M(0)};
       const slot_candidates<Est, M, Row, Taken> candidate{row, taken, top.value, two_eps};
       const slot_softmax<M> sm{top.value,
-                               candidate_weights(lanes, row, top.value, candidate, weights)};
+                               candidate_weights(lanes, row, top.value, candidate, weights, live)};
       if (!candidate.contains(d)) return {sm, M(0)};
       return {sm, math::exp(row.logit(d) - sm.max) / sm.norm};
     });
@@ -80,14 +81,20 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
   if constexpr (!Est::per_slot_softmax)
     shared.norm = candidate_weights(lanes, row, summary.top.value, any_expert{}, weights);
   using view_t = slot_view<M>;
+  // Where candidate_weights takes its sparse form (SparseMixer's slots on long rows), the weights
+  // of the positive candidates alone are written and the Jacobian below visits them alone (the
+  // other elements' gradient is 0); otherwise every element is visited.
+  const bool sparse =
+      sparse_weights<slot_candidates<Est, M, Row, nothing_taken>>(lanes, row.size());
+  positive_elements<Lanes> live;  // slot j's positive candidates (sparse)
 
   // Renormalised gates g̃_j = g_j / s: G_j = (G̃_j − Σ_l G̃_l g̃_l) / s.
   M renorm_shift = M(0), renorm_inv = M(1);
   if (p.renormalize) {
     M s = M(0), q = M(0);
     for (int j = 0; j < p.k; ++j) {
-      const view_t v = recompute_slot<Est, M, Lanes, Row, Slots>(lanes, row, slots, shared,
-                                                                 summary.top, two_eps, j, weights);
+      const view_t v = recompute_slot<Est, M, Lanes, Row, Slots>(
+          lanes, row, slots, shared, summary.top, two_eps, j, weights, &live);
       const M g = coin_scale<typename Est::rule, M>(slots.coin(j)) * v.pi_chosen;
       s += g;
       q += static_cast<M>(slots.grad_gate(j)) * g;
@@ -103,8 +110,8 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
   const M weight = static_cast<M>(Est::weight);
   bool written = false;  // the first contribution sets the row, the later ones add to it
   for (int j = 0; j < p.k; ++j) {
-    const view_t v = recompute_slot<Est, M, Lanes, Row, Slots>(lanes, row, slots, shared,
-                                                               summary.top, two_eps, j, weights);
+    const view_t v = recompute_slot<Est, M, Lanes, Row, Slots>(
+        lanes, row, slots, shared, summary.top, two_eps, j, weights, &live);
     if (!(v.pi_chosen > M(0)) || renorm_inv == M(0)) continue;
     M g = static_cast<M>(slots.grad_gate(j));
     if (p.renormalize) g = (g - renorm_shift) * renorm_inv;
@@ -114,10 +121,20 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
     const auto jacobian = [&](int i) {
       return (i == d ? coef : M(0)) - coef_over_norm * weights[i];
     };
-    if (written)
+    if (sparse) {
+      if (!written) lanes.each(row.size(), [&](int i) { grad.set(i, M(0)); });
+      bool saw_chosen = false;
+      live.each_own(lanes, [&](int i, int, int) {
+        grad.add(i, jacobian(i));
+        saw_chosen |= i == d;
+      });
+      // π_D > 0 with an underflowed exp_fast weight (a subnormal π_D): the dense form's δ term.
+      if (!saw_chosen && d % lanes.count() == lanes.lane()) grad.add(d, coef);
+    } else if (written) {
       lanes.each(row.size(), [&](int i) { grad.add(i, jacobian(i)); });
-    else
+    } else {
       lanes.each(row.size(), [&](int i) { grad.set(i, jacobian(i)); });
+    }
     written = true;
   }
   if (!written) lanes.each(row.size(), [&](int i) { grad.set(i, M(0)); });

@@ -89,6 +89,9 @@ ROUTEGRAD_HD auto with_taken(const Lanes& lanes, const Slots& slots, int j, int 
 /// Estimators without a per-slot softmax normalise over every finite logit instead.
 template <class Est, class M, class Row, class Taken>
 struct slot_candidates {
+  /// A few experts of the row (SparseMixer's jitter mask): candidate_weights computes exp for the
+  /// candidates alone and keeps their set.
+  static constexpr bool sparse = Est::per_slot_softmax && Est::jitter_mask;
   const Row& row;
   const Taken& taken;
   jitter_mask_test<M> masked;
@@ -138,6 +141,7 @@ struct not_taken {
 };
 
 struct any_expert {
+  static constexpr bool sparse = false;
   template <class M>
   ROUTEGRAD_HD bool operator()(int, M) const {
     return true;

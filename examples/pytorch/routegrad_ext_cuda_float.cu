@@ -1,0 +1,5 @@
+// The CUDA routing calls for float logits (see routegrad_ext_cuda.cuh).
+#define ROUTEGRAD_EXT_CUDA_DEFINE_CALLS
+#include "routegrad_ext_cuda.cuh"
+
+ROUTEGRAD_EXT_CUDA_INSTANTIATE(float)
