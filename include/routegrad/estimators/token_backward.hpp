@@ -86,7 +86,9 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
   // other elements' gradient is 0); otherwise every element is visited.
   const bool sparse =
       sparse_weights<slot_candidates<Est, M, Row, nothing_taken>>(lanes, row.size());
-  positive_elements<Lanes> live;  // slot j's positive candidates (sparse)
+  // Slot j's positive candidates, asked for only where sparse: recording the set elsewhere costs
+  // the dense backward (H200, 131072 × 16: 20.9 → 22.8 µs).
+  positive_elements<Lanes> live;
 
   // Renormalised gates g̃_j = g_j / s: G_j = (G̃_j − Σ_l G̃_l g̃_l) / s.
   M renorm_shift = M(0), renorm_inv = M(1);
@@ -94,7 +96,7 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
     M s = M(0), q = M(0);
     for (int j = 0; j < p.k; ++j) {
       const view_t v = recompute_slot<Est, M, Lanes, Row, Slots>(
-          lanes, row, slots, shared, summary.top, two_eps, j, weights, &live);
+          lanes, row, slots, shared, summary.top, two_eps, j, weights, nullptr);
       const M g = coin_scale<typename Est::rule, M>(slots.coin(j)) * v.pi_chosen;
       s += g;
       q += static_cast<M>(slots.grad_gate(j)) * g;
@@ -111,7 +113,7 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
   bool written = false;  // the first contribution sets the row, the later ones add to it
   for (int j = 0; j < p.k; ++j) {
     const view_t v = recompute_slot<Est, M, Lanes, Row, Slots>(
-        lanes, row, slots, shared, summary.top, two_eps, j, weights, &live);
+        lanes, row, slots, shared, summary.top, two_eps, j, weights, sparse ? &live : nullptr);
     if (!(v.pi_chosen > M(0)) || renorm_inv == M(0)) continue;
     M g = static_cast<M>(slots.grad_gate(j));
     if (p.renormalize) g = (g - renorm_shift) * renorm_inv;
