@@ -148,8 +148,7 @@ TEST_CASE("jitter mask: candidate_weights redoes a row the quick test cannot dec
     for (int i = 0; i < n; ++i) {
       const bool masked = jitter_masked(z[i], m, two_eps);
       const M w = masked ? M(0) : math::exp_fast(z[i] - m);
-      // SparseMixer's weights are written for the candidates alone (a row of ≤ 32 steps): the
-      // set says which are positive.
+      // (The GPU's sparse form writes the candidates' weights alone: only those are compared.)
       if (!masked) CHECK(weights[static_cast<std::size_t>(i)] == w);
       expect_sum += w;
       if (w > M(0)) expect_live |= 1u << i;

@@ -41,6 +41,9 @@ struct warp_lanes {
   /// element's word and bit offset are then constants) and rows hold at most 256 elements.
   static constexpr int index_words =
       full_unroll && Width * PerLane <= 256 ? (Width * PerLane + 31) / 32 : 0;
+  /// exp_where computes exp for every element and selects (no divergent branch), so
+  /// candidate_weights' sparse form, which calls exp for the candidates alone, pays off here.
+  static constexpr bool exp_for_every_element = true;
   unsigned mask;  // this group's lanes within the warp
   int lane_id;    // 0..Width-1
 

@@ -57,6 +57,9 @@ struct serial_lanes {
   /// Words of a row's element set in index order (row_math.hpp positive_elements): none, rows
   /// have no bound here.
   static constexpr int index_words = 0;
+  /// Whether exp runs for every element of a masked pass (row_math.hpp exp_where): not here, the
+  /// CPU calls it for the kept elements only, so candidate_weights' sparse form saves it nothing.
+  static constexpr bool exp_for_every_element = false;
 
   template <class M>
   ROUTEGRAD_HD M sum(M x) const {
