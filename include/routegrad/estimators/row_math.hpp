@@ -182,12 +182,11 @@ ROUTEGRAD_HD bool sparse_weights(const Lanes& lanes, int n) {
 ///
 /// An Include with `sparse` (SparseMixer's jitter-masked slots: a few experts of the row), on the
 /// GPU's lanes and rows whose set can be kept and that are long enough (sparse_weights), writes
-/// the weights of its candidates alone —
-/// the others hold no meaning afterwards and only the set says which are positive — and fills
-/// *live when given: one pass marks the candidates by comparisons, then each lane calls exp for its
-/// own candidates only. Otherwise every element is written (0 where include is false). Both forms
-/// add each lane's weights in step order and return the same sum (the dense form's extra terms
-/// are +0).
+/// the weights of its candidates alone — the others hold no meaning afterwards, only the set says
+/// which are positive: one pass marks the candidates by comparisons, then each lane calls exp for
+/// its own candidates only. Otherwise every element is written (0 where include is false). Both
+/// forms add each lane's weights in step order and return the same sum (the dense form's extra
+/// terms are +0).
 ///
 /// The pass decides each element with include.quick(i, z, unsure) — comparisons only, no branch
 /// (an element's division or any branch in the loop body would split the unrolled pass into one
