@@ -62,8 +62,9 @@ class RouteFunction(torch.autograd.Function):
 
     apply(logits, k, estimator, mode, jitter_eps, seed, offset, renormalize, load_balance_coef,
     z_loss_coef, offset_counter) -> (gates, experts, coins, load_balance_loss, z_loss,
-    expert_counts, nonfinite_rows). gates and the two losses are differentiable; a loss that is used costs one
-    host synchronisation in the backward (its upstream gradient scales the coefficient).
+    expert_counts, nonfinite_rows). gates and the two losses are differentiable; a loss that is
+    used costs one host synchronisation in the backward (its upstream gradient scales the
+    coefficient).
     """
 
     @staticmethod
