@@ -6,6 +6,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <random>
 #include <vector>
 
@@ -93,6 +94,105 @@ TEST_CASE("lane helpers: per-lane keep_larger + better_extreme give the row's ma
       check_running_max<4>(row);
       check_running_max<8>(row);
       check_running_max<32>(row);
+    }
+  }
+}
+
+TEST_CASE("lane helpers: max_nan propagates NaN and orders the rest as max") {
+  const float values[] = {-INFINITY, -2.5f, -0.0f, 0.0f, 1.0f, 3.0f, INFINITY, NAN};
+  for (const float a : values)
+    for (const float b : values) {
+      CAPTURE(a);
+      CAPTURE(b);
+      const float m = math::max_nan(a, b);
+      if (std::isnan(a) || std::isnan(b)) {
+        CHECK(std::isnan(m));
+      } else {
+        CHECK(m == std::max(a, b));
+      }
+      CHECK(std::isnan(math::max_nan(static_cast<double>(a), static_cast<double>(b))) ==
+            std::isnan(m));
+    }
+}
+
+namespace {
+
+/// A row accessor without staged maxima (a caller's own): peak_of_row reads it element by element.
+struct plain_row {
+  const float* z;
+  int n;
+  int size() const { return n; }
+  float clean(int i) const { return z[i]; }
+  float logit(int i) const { return z[i]; }
+};
+
+}  // namespace
+
+TEST_CASE("lane helpers: peak_of_row and max_value_where agree with summarize_row and max_where") {
+  // The backward's (and the GPU forward's sparse form's) max without the argmax: the same
+  // routability (NaN, +inf, no finite logit) and the same max, from staging's maxima (the GPU's
+  // rows), from rows without them (the CPU's, a caller's own), and for Switch's jittered rows.
+  std::mt19937_64 gen(13);
+  std::uniform_int_distribution<int> level(-3, 3);
+  std::uniform_real_distribution<float> jitter(0.9f, 1.1f);
+  const serial_lanes lanes;
+  for (int n : {1, 2, 7, 64, 129}) {
+    for (int trial = 0; trial < 60; ++trial) {
+      std::vector<float> z(static_cast<std::size_t>(n)), noise(z.size());
+      for (float& v : z) v = static_cast<float>(level(gen)) * 0.75f;
+      for (float& v : noise) v = jitter(gen);
+      const auto at = [&](int i) -> float& { return z[static_cast<std::size_t>(i % n)]; };
+      switch (trial % 6) {
+        case 1:
+          at(trial) = NAN;
+          break;
+        case 2:
+          at(trial) = INFINITY;
+          break;
+        case 3:
+          std::fill(z.begin(), z.end(), -INFINITY);
+          break;
+        case 4:
+          at(trial) = -INFINITY;
+          break;
+        case 5:
+          at(trial) = 3.0e38f;
+          break;  // jitter may overflow it to +inf
+        default:
+          break;
+      }
+      float staged = -INFINITY;
+      for (const float v : z) staged = math::max_nan(staged, v);
+      CAPTURE(n);
+      CAPTURE(trial);
+      const staged_row<float, false, true> clean{z.data(), n, nullptr, staged};  // the GPU's
+      const staged_row<float, false> cpu{z.data(), n, nullptr};
+      const staged_row<float, true, true> jittered{z.data(), n, noise.data(), staged};
+      const plain_row plain{z.data(), n};
+      static_assert(row_brings_staged_max<staged_row<float, false, true>>::value);
+      static_assert(!row_brings_staged_max<staged_row<float, false>>::value);
+      static_assert(!row_brings_staged_max<staged_row<float, true, true>>::value);
+      static_assert(!row_brings_staged_max<plain_row>::value);
+      const auto check = [&](const auto& row) {
+        const row_summary<float> full = summarize_row<float>(lanes, row);
+        const row_peak<float> peak = peak_of_row<float>(lanes, row);
+        CHECK(peak.routable == full.routable);
+        if (!full.routable) return;
+        CHECK(peak.max == full.top.value);
+        for (int taken = 0; taken < n; ++taken) {
+          const auto others = [taken](int i, float) { return i != taken; };
+          const row_extreme<float> expect = max_where<float>(lanes, row, others);
+          const float got = max_value_where<float>(lanes, row, others);
+          if (expect.index < 0)
+            CHECK(got == -INFINITY);
+          else
+            CHECK(got == expect.value);
+        }
+      };
+      check(clean);
+      check(cpu);
+      check(jittered);
+      check(plain);
     }
   }
 }

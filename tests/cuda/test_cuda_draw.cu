@@ -52,7 +52,8 @@ __global__ void draw_kernel(const float* logits, int rows, int n, const float* r
           positive_elements<Lanes>::indexed && q < positive_elements<Lanes>::words ? live.word[q]
                                                                                    : 0u;
   for (int j = 0; j < targets_per_row; ++j) {
-    const int chosen = inverse_cdf(lanes, weights, n, targets[r * targets_per_row + j], live);
+    const int chosen = inverse_cdf(
+        lanes, [&](int e) { return weights[e]; }, n, targets[r * targets_per_row + j], live);
     if (lanes.lane() == 0) chosen_out[r * targets_per_row + j] = chosen;
   }
 }

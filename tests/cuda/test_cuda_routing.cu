@@ -2,6 +2,8 @@
 // every estimator, k in {1, 2, 4}, E in {1, 7, 8, 64, 100, 128, 256, 1000}, T not a multiple of
 // any block size (and every launch shape lanes_for picks), contiguous and strided, fp32
 // here (bf16 / fp16 in test_cuda_routing_lowp.cu).
+#include <algorithm>
+
 #include "routing_check.cuh"
 
 namespace {
@@ -219,4 +221,159 @@ TEST_CASE("cuda routing fp32: a chosen expert whose fast-exp weight underflows k
         CHECK(std::abs(grad[static_cast<std::size_t>(t * E + e)] -
                        cpu[static_cast<std::size_t>(t * E + e)]) <= 1e-3f * expect);
   }
+}
+
+namespace {
+
+/// SparseMixer midpoint's forward and backward on float logits [T, E], on the GPU and on the CPU
+/// with the same options and stream; each side's backward uses its own choices.
+struct both_sides {
+  std::vector<std::int32_t> experts, cpu_experts;
+  std::vector<std::uint8_t> coins, cpu_coins;
+  std::vector<float> gates, cpu_gates, grad, cpu_grad;
+};
+
+both_sides midpoint_on_both(const routing_options& opt, const std::vector<float>& logits,
+                            const std::vector<float>& grad_gates, index_t T, index_t E,
+                            const rng_stream& rng) {
+  using routegrad::test::gpu::device_buffer;
+  using Est = sparsemixer_midpoint;
+  const index_t k = opt.k;
+  const auto n = static_cast<std::size_t>(T * k);
+  device_buffer<float> d_logits(logits), d_grad_gates(grad_gates);
+  device_buffer<std::int32_t> d_experts(std::vector<std::int32_t>(n, -9));
+  device_buffer<std::uint8_t> d_coins(std::vector<std::uint8_t>(n, 0xEE));
+  device_buffer<float> d_gates(std::vector<float>(n, std::nanf("")));
+  device_buffer<float> d_grad(std::vector<float>(logits.size(), std::nanf("")));
+  const cuda::device_routing_state state{device_view<std::int32_t, 2>(d_experts.ptr, {T, k}),
+                                         device_view<std::uint8_t, 2>(d_coins.ptr, {T, k}), rng};
+  const device_view<const float, 2> z(d_logits.ptr, {T, E});
+  REQUIRE(route_forward<Est>(opt, z, state, device_view<float, 2>(d_gates.ptr, {T, k})).is_ok());
+  REQUIRE(route_backward<Est>(opt, z, state, device_view<const float, 2>(d_grad_gates.ptr, {T, k}),
+                              device_view<float, 2>(d_grad.ptr, {T, E}))
+              .is_ok());
+  RG_CUDA_REQUIRE(cudaDeviceSynchronize());
+  both_sides r{d_experts.download(), std::vector<std::int32_t>(n, -9),
+               d_coins.download(),   std::vector<std::uint8_t>(n, 0xEE),
+               d_gates.download(),   std::vector<float>(n, std::nanf("")),
+               d_grad.download(),    std::vector<float>(logits.size(), std::nanf(""))};
+  const host_routing_state cpu_state{host_matrix(r.cpu_experts.data(), T, k),
+                                     host_matrix(r.cpu_coins.data(), T, k), rng};
+  const auto host_z = host_matrix<const float>(logits.data(), T, E);
+  REQUIRE(
+      route_forward<Est>(opt, host_z, cpu_state, host_matrix(r.cpu_gates.data(), T, k)).is_ok());
+  REQUIRE(route_backward<Est>(opt, host_z, cpu_state,
+                              host_matrix<const float>(grad_gates.data(), T, k),
+                              host_matrix(r.cpu_grad.data(), T, E))
+              .is_ok());
+  return r;
+}
+
+/// Tokens whose every slot has the CPU's expert and coin; for those, gates and gradients agree
+/// within float tolerance (the GPU's fast exp against the CPU's exp).
+index_t agreeing_tokens(const both_sides& r, index_t T, index_t E, int k) {
+  index_t same_rows = 0;
+  for (index_t t = 0; t < T; ++t) {
+    CAPTURE(t);
+    bool same = true;
+    for (int j = 0; j < k; ++j) {
+      const auto i = static_cast<std::size_t>(t * k + j);
+      same = same && r.experts[i] == r.cpu_experts[i] && r.coins[i] == r.cpu_coins[i];
+    }
+    if (!same) continue;  // (a draw at a near-tie of the running sums)
+    ++same_rows;
+    for (int j = 0; j < k; ++j) {
+      const auto i = static_cast<std::size_t>(t * k + j);
+      CHECK(r.gates[i] == doctest::Approx(r.cpu_gates[i]).epsilon(2e-5));
+    }
+    for (index_t e = 0; e < E; ++e) {
+      const auto i = static_cast<std::size_t>(t * E + e);
+      CHECK(r.grad[i] == doctest::Approx(r.cpu_grad[i]).epsilon(2e-5).scale(1.0));
+    }
+  }
+  return same_rows;
+}
+
+}  // namespace
+
+TEST_CASE("cuda routing fp32: ties at a slot's max go to the lowest index, as on the CPU") {
+  // Logits on a grid of 17 levels: a row of E ≥ 64 holds several copies of its max. Where
+  // SparseMixer's sparse form runs (E = 64, 128), the forward finds the max alone and takes the
+  // slot's argmax from its candidates; the argmax must still be the lowest index holding it (eval:
+  // the choice itself; train: whether a coin is drawn), exactly as the CPU's keep_larger pass.
+  const index_t T = 333;
+  for (const index_t E : {64, 128, 256, 1000})
+    for (const int k : {1, 3})
+      for (const routing_mode mode : {routing_mode::eval, routing_mode::train}) {
+        CAPTURE(E);
+        CAPTURE(k);
+        CAPTURE(static_cast<int>(mode));
+        std::mt19937_64 gen(static_cast<std::uint64_t>(E * 10 + k));
+        std::uniform_int_distribution<int> level(0, 16);
+        std::normal_distribution<float> normal(0.0f, 1.0f);
+        std::vector<float> logits(static_cast<std::size_t>(T * E));
+        for (float& z : logits) z = static_cast<float>(level(gen)) / 8.0f;
+        std::vector<float> grad_gates(static_cast<std::size_t>(T * k));
+        for (float& g : grad_gates) g = normal(gen);
+        int ties = 0;  // rows whose max appears more than once (the case under test)
+        for (index_t t = 0; t < T; ++t) {
+          const float* row = logits.data() + t * E;
+          ties += std::count(row, row + E, *std::max_element(row, row + E)) > 1;
+        }
+        CHECK(ties > T / 2);
+        routing_options opt;
+        opt.k = k;
+        opt.mode = mode;
+        const both_sides r = midpoint_on_both(opt, logits, grad_gates, T, E, {0x7135ull, 3, 0});
+        const index_t same = agreeing_tokens(r, T, E, k);
+        // Eval mode has no draw: every token the same. Train mode: the draws' running sums of
+        // fast-exp weights may cross a target on one side only (near-ties), rarely.
+        if (mode == routing_mode::eval)
+          CHECK(same == T);
+        else
+          CHECK(static_cast<double>(same) >= 0.98 * static_cast<double>(T));
+      }
+}
+
+TEST_CASE("cuda routing fp32: a logit inside the jitter mask's margin takes the exact test") {
+  // One logit per row sits just under the mask's threshold τ, inside the margin where the quick
+  // comparison cannot decide: the exact (quotient) test masks it. The sparse form then redoes the
+  // lane's marks exactly — in the forward at E = 64 and 128 without a row of weights (they are
+  // recomputed by the draw), in the backward through its weights row. A kept band element would
+  // add exp(τ − m) ≈ 0.55 to the softmax's normaliser: gates and gradients would not match the CPU.
+  const index_t T = 257;
+  const float m = 3.0f;
+  const float two_eps = 0.2f;
+  float x = m * (1.0f - two_eps);
+  while (!jitter_masked(x, m, two_eps)) x = std::nextafter(x, -INFINITY);
+  REQUIRE(jitter_mask_test<float>(m, two_eps).has_quick());
+  bool unsure = false;
+  (void)jitter_mask_test<float>(m, two_eps).quick(x, unsure);
+  REQUIRE(unsure);  // the case under test: quick() cannot decide x
+  for (const index_t E : {64, 128, 256})
+    for (const routing_mode mode : {routing_mode::train, routing_mode::eval}) {
+      CAPTURE(E);
+      CAPTURE(static_cast<int>(mode));
+      const int k = 2;
+      std::mt19937_64 gen(static_cast<std::uint64_t>(E));
+      std::uniform_real_distribution<float> below(m - 0.55f, m - 0.01f), far(-4.0f, 2.0f);
+      std::uniform_int_distribution<int> where(0, static_cast<int>(E) - 1);
+      std::vector<float> logits(static_cast<std::size_t>(T * E));
+      for (index_t t = 0; t < T; ++t) {
+        float* row = logits.data() + t * E;
+        for (index_t e = 0; e < E; ++e) row[e] = far(gen);
+        for (int c = 0; c < 3; ++c) row[where(gen)] = below(gen);  // a few candidates
+        row[where(gen)] = x;                                       // inside the margin
+        row[(t * 7) % E] = m;                                      // the max
+      }
+      std::normal_distribution<float> normal(0.0f, 1.0f);
+      std::vector<float> grad_gates(static_cast<std::size_t>(T * k));
+      for (float& g : grad_gates) g = normal(gen);
+      routing_options opt;
+      opt.k = k;
+      opt.mode = mode;
+      opt.jitter_eps = two_eps / 2;
+      const both_sides r = midpoint_on_both(opt, logits, grad_gates, T, E, {0xBA2Dull, 5, 0});
+      CHECK(static_cast<double>(agreeing_tokens(r, T, E, k)) >= 0.98 * static_cast<double>(T));
+    }
 }

@@ -129,5 +129,36 @@ template <class M>
 ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE M max(M a, M b) {
   return a < b ? b : a;
 }
+/// The larger of a and b where neither is NaN: one instruction on either side (fmax's FMNMX on
+/// the GPU; the compare-and-select, maxss, on the CPU, where fmax would test for NaN).
+ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE float max_of_numbers(float a, float b) {
+#if ROUTEGRAD_DEVICE_PASS
+  return ::fmaxf(a, b);
+#else
+  return a < b ? b : a;
+#endif
+}
+ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE double max_of_numbers(double a, double b) {
+#if ROUTEGRAD_DEVICE_PASS
+  return ::fmax(a, b);
+#else
+  return a < b ? b : a;
+#endif
+}
+/// The larger of a and b, NaN when either is NaN: one instruction on the GPU (max.NaN, sm_80
+/// on), a compare and select elsewhere.
+template <class M>
+ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE M max_nan(M a, M b) {
+  return (b > a) | is_nan(b) ? b : a;
+}
+ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE float max_nan(float a, float b) {
+#if ROUTEGRAD_DEVICE_PASS && __CUDA_ARCH__ >= 800
+  float y;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
+  return y;
+#else
+  return (b > a) | is_nan(b) ? b : a;
+#endif
+}
 
 }  // namespace routegrad::math

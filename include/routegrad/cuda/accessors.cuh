@@ -22,8 +22,9 @@ __device__ bool row_in_pieces(int n, const void* a, const void* b) {
 /// dst[i] = to_math(src[i]) for a contiguous row (row_in_pieces), in 16-byte pieces of the source:
 /// one load and one or two shared-memory stores per piece instead of one of each per element.
 /// Lane l moves pieces l, l + L, ...: other lanes may read the row only after a __syncwarp.
+/// `lane_max` takes in the values this lane moved (math::max_nan).
 template <class Lanes, class T, class M>
-__device__ void load_row_pieces(const Lanes& lanes, const T* src, int n, M* dst) {
+__device__ void load_row_pieces(const Lanes& lanes, const T* src, int n, M* dst, M& lane_max) {
   constexpr int per_piece = 16 / static_cast<int>(sizeof(T));
   constexpr int stores = per_piece * static_cast<int>(sizeof(M)) / 16;
 #pragma unroll 4
@@ -33,7 +34,10 @@ __device__ void load_row_pieces(const Lanes& lanes, const T* src, int n, M* dst)
     memcpy(in, &raw, sizeof(raw));
     M out[per_piece];
 #pragma unroll
-    for (int v = 0; v < per_piece; ++v) out[v] = to_math<M>(in[v]);
+    for (int v = 0; v < per_piece; ++v) {
+      out[v] = to_math<M>(in[v]);
+      lane_max = math::max_nan(lane_max, out[v]);
+    }
     uint4 words[stores];
     memcpy(words, out, sizeof(out));
     uint4* to = reinterpret_cast<uint4*>(dst + c * per_piece);
@@ -78,16 +82,21 @@ __device__ void store_row_pieces(const Lanes& lanes, const M* src, int n, T* dst
 /// shared memory: one coalesced read of the row, then every pass of the per-token rules reads
 /// shared memory. Ends with a __syncwarp so every lane of the group sees every element.
 template <bool Noisy, class Lanes, class T, class M>
-__device__ staged_row<M, Noisy> stage_row(const Lanes& lanes, const T* src, index_t stride, int n,
-                                          const rng_stream& rng, index_t t, M noise_eps, M* values,
-                                          M* noise) {
+__device__ staged_row<M, Noisy, true> stage_row(const Lanes& lanes, const T* src, index_t stride,
+                                                int n, const rng_stream& rng, index_t t,
+                                                M noise_eps, M* values, M* noise) {
   __syncwarp(lanes.mask);  // every lane is done with the previous row
+  M lane_max = -math::infinity<M>();
+  const auto put = [&](int i, M v) {
+    values[i] = v;
+    lane_max = math::max_nan(lane_max, v);
+  };
   if (stride == 1 && row_in_pieces<T>(n, src, values))
-    load_row_pieces(lanes, src, n, values);
+    load_row_pieces(lanes, src, n, values, lane_max);
   else if (stride == 1)
-    lanes.each(n, [&](int i) { values[i] = to_math<M>(src[i]); });
+    lanes.each(n, [&](int i) { put(i, to_math<M>(src[i])); });
   else
-    lanes.each(n, [&](int i) { values[i] = to_math<M>(src[i * stride]); });
+    lanes.each(n, [&](int i) { put(i, to_math<M>(src[i * stride])); });
   if (Noisy && noise_eps != M(0)) {
     for (int g = lanes.lane(); 4 * g < n; g += lanes.count()) {
       const philox4x32 b = switch_noise_block(rng, t, g);
@@ -96,7 +105,7 @@ __device__ staged_row<M, Noisy> stage_row(const Lanes& lanes, const T* src, inde
     }
   }
   __syncwarp(lanes.mask);
-  return {values, n, Noisy && noise_eps != M(0) ? noise : nullptr};
+  return {values, n, Noisy && noise_eps != M(0) ? noise : nullptr, lane_max};
 }
 
 /// Forward slots: every lane keeps the first KMax choices in registers (they are read back by the

@@ -54,6 +54,23 @@ __host__ __device__ constexpr int shared_rows(bool backward) {
   return 1 + (Est::noisy ? 1 : 0) + 1 + (backward ? 1 : 0);  // row, jitter, weights, gradient
 }
 
+/// Whether the forward keeps a row of candidate weights: not where SparseMixer's weights surely
+/// take their sparse form (lanes with a fixed number of steps per lane; the draw then recomputes
+/// the few it reads). That frees a row of shared memory per token, which bounded the forward's
+/// occupancy (H200, E = 128, 4 × 32: 6 blocks of 128 threads per multiprocessor with the row, 8 —
+/// the register bound — without).
+template <class Est, class Lanes, class M>
+__host__ __device__ constexpr bool forward_keeps_weights() {
+  return Lanes::per_lane == 0 ||
+         !sparse_weights<slot_candidates<Est, M, staged_row<M, Est::noisy>, nothing_taken>>(
+             Lanes{}, Lanes::per_lane * Lanes::width);
+}
+/// The forward's (and the loss-sum kernel's, which shares its launch footprint) rows per group.
+template <class Est, class Lanes, class M>
+__host__ __device__ constexpr int forward_shared_rows() {
+  return 1 + (Est::noisy ? 1 : 0) + (forward_keeps_weights<Est, Lanes, M>() ? 1 : 0);
+}
+
 /// Elements of shared memory per token group: its rows, padded so that the groups of one warp
 /// start on different banks (lane l of group g then reads bank (g·Width + l) mod 32 for 4-byte
 /// elements: no bank conflicts when the groups access the same element index).
@@ -96,7 +113,8 @@ __global__ void __launch_bounds__(256, min_resident_blocks)
   const token_params<M> params = params_of<M>(a.opt);
   const rng_stream rng = rng_with_counter(a.rng, a.offset_counter);
   const int n = static_cast<int>(a.cols);
-  M* values = group_shared<M, Width>(shared_bytes, n, shared_rows<Est, M>(false));
+  constexpr int rows_per_group = forward_shared_rows<Est, Lanes, M>();
+  M* values = group_shared<M, Width>(shared_bytes, n, rows_per_group);
   const M noise_eps = noise_eps_of<Est, M>(a.opt);
   for (index_t t = blockIdx.x * groups + threadIdx.x / Width; t < a.rows; t += stride) {
     const auto row = stage_row<Est::noisy>(lanes, a.logits + t * a.logit_stride0, a.logit_stride1,
@@ -112,8 +130,12 @@ __global__ void __launch_bounds__(256, min_resident_blocks)
         lanes.mask,
         {},
         {}};
-    const token_outcome outcome = token_forward<Est, M>(
-        lanes, row, slots, values + (shared_rows<Est, M>(false) - 1) * n, params, rng, t);
+    token_outcome outcome;
+    if constexpr (forward_keeps_weights<Est, Lanes, M>())
+      outcome = token_forward<Est, M>(lanes, row, slots, values + (rows_per_group - 1) * n, params,
+                                      rng, t);
+    else
+      outcome = token_forward<Est, M>(lanes, row, slots, nullptr, params, rng, t);
     if (lanes.lane() == 0) {
       if (!outcome.complete && a.nonfinite) atomicAdd(a.nonfinite, 1ull);
       if (outcome.routable && a.counts)
@@ -167,12 +189,34 @@ __global__ void __launch_bounds__(256, min_resident_blocks)
       {a.opt.load_balance_coef != 0.0 ? a.counts : nullptr,
        M(1) / (static_cast<M>(a.rows) * static_cast<M>(a.opt.k))}};
   for (index_t t = blockIdx.x * groups + threadIdx.x / Width; t < a.rows; t += stride) {
-    const auto row = stage_row<Est::noisy>(lanes, a.logits + t * a.logit_stride0, a.logit_stride1,
-                                           n, rng, t, noise_eps, values, values + n);
-    const device_backward_slots<GG, M, register_slots> slots(
-        a.experts + t * a.expert_stride0, a.expert_stride1,
-        a.coins ? a.coins + t * a.coin_stride0 : nullptr, a.coin_stride1,
-        a.grad_gates + t * a.grad_gate_stride0, a.grad_gate_stride1, a.opt.k);
+    // The slots first: their loads are then in flight with the row's (stage_row ends with a
+    // __syncwarp, above which no later load moves), not after it (H200, T = 131072, midpoint: E =
+    // 128 backward 50.3–51.5 → 44.8 µs, E = 64 30.9–31.0 → 28.4–28.7). Not for Switch: its staging
+    // draws the jitter, and the slots held through it cost registers (backward 77.6 → 100.4 µs).
+    const auto load_slots = [&] {
+      return device_backward_slots<GG, M, register_slots>(
+          a.experts + t * a.expert_stride0, a.expert_stride1,
+          a.coins ? a.coins + t * a.coin_stride0 : nullptr, a.coin_stride1,
+          a.grad_gates + t * a.grad_gate_stride0, a.grad_gate_stride1, a.opt.k);
+    };
+    const auto stage = [&] {
+      return stage_row<Est::noisy>(lanes, a.logits + t * a.logit_stride0, a.logit_stride1, n, rng,
+                                   t, noise_eps, values, values + n);
+    };
+    struct inputs {
+      decltype(load_slots()) slots;
+      decltype(stage()) row;
+    };
+    const inputs in = [&]() -> inputs {
+      if constexpr (Est::noisy) {
+        const auto row = stage();
+        return {load_slots(), row};
+      } else {
+        return {load_slots(), stage()};  // (a braced list runs in order)
+      }
+    }();
+    const auto& slots = in.slots;
+    const auto& row = in.row;
     // A state that names an expert or coin out of range (the CPU back end rejects it with a
     // status; here that would need a synchronisation) gets a zero gradient row, as does a row
     // the forward could not route (token_backward writes the row in every other case).
@@ -221,7 +265,7 @@ __global__ void __launch_bounds__(256)
   const index_t count = rows - first < stats_block_tokens ? rows - first : stats_block_tokens;
   const index_t groups = blockDim.x / Width;
   const int n = static_cast<int>(cols);
-  M* values = group_shared<M, Width>(shared_bytes, n, shared_rows<Est, M>(false));
+  M* values = group_shared<M, Width>(shared_bytes, n, forward_shared_rows<Est, Lanes, M>());
   const M noise_eps = noise_eps_of<Est, M>(opt);
   const rng_stream rng = rng_with_counter(stream, offset_counter);
   for (index_t r = threadIdx.x / Width; r < count; r += groups) {

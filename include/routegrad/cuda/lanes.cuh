@@ -116,13 +116,17 @@ struct warp_lanes {
       for (int i = lane_id; i < n; i += Width) f(i);
     }
   }
-  __device__ static constexpr int steps(int n) {
+  __host__ __device__ static constexpr int steps(int n) {
     return PerLane > 0 ? PerLane : (n + Width - 1) / Width;
   }
 
   template <class M>
   __device__ M sum(M x) const {
     return butterfly(x, [](M a, M b) { return a + b; });
+  }
+  template <class M>
+  __device__ M max(M x) const {
+    return butterfly(x, [](M a, M b) { return math::max_nan(a, b); });
   }
   template <class M>
   __device__ row_extreme<M> argmax(row_extreme<M> x) const {

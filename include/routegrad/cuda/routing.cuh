@@ -300,13 +300,13 @@ status run_forward(const routing_options& opt, device_view<TL, 2> logits,
   // Launch shapes (this can still reject a too-large E) before anything is written.
   using M = math_t<T>;
   const detail::lanes_shape lanes = detail::lanes_for(rows, cols, /*backward=*/false, Est::noisy);
-  const std::size_t group_bytes =
-      detail::group_bytes<M>(cols, detail::shared_rows<Est, M>(false), lanes.width);
   detail::launch_shape fwd_shape{}, loss_shape{};
   status shape_status = status::ok();
   detail::dispatch_shape(lanes, [&](auto policy) {
     using L = decltype(policy);
     constexpr int W = L::width;
+    const std::size_t group_bytes =
+        detail::group_bytes<M>(cols, detail::forward_shared_rows<Est, L, M>(), W);
     shape_status =
         detail::shape_for(detail::forward_kernel<Est, L, T, G>, W, group_bytes, rows, fwd_shape);
     if (shape_status.is_ok() && need > 0)

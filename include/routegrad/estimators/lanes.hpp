@@ -69,6 +69,11 @@ struct serial_lanes {
   ROUTEGRAD_HD row_extreme<M> argmax(row_extreme<M> x) const {
     return x;
   }
+  /// The largest x across lanes, NaN when any lane's x is NaN (math::max_nan).
+  template <class M>
+  ROUTEGRAD_HD M max(M x) const {
+    return x;
+  }
   ROUTEGRAD_HD bool any(bool x) const { return x; }
   /// Makes each lane's earlier writes to a row visible to the other lanes of the group.
   ROUTEGRAD_HD void sync() const {}

@@ -7,8 +7,11 @@
 // factor ∂logit(i)/∂clean(i): the jitter noise, or 1).
 #pragma once
 
+#include <type_traits>
+
 #include "../core/math.hpp"
 #include "lanes.hpp"
+#include "staged_row.hpp"
 
 namespace routegrad {
 
@@ -51,6 +54,12 @@ struct jitter_mask_test {
     unsure |= !(below | (z > kept_above));
     return below & (z > -math::infinity<M>());  // as jitter_masked: −inf kept
   }
+  /// z is kept, or quick() cannot decide it (z at or above τ − δ; −inf never, though the mask
+  /// keeps it: its weight is 0). One comparison: candidate_weights' sparse form marks these, then
+  /// asks surely_kept() of the few it marked.
+  ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE bool maybe_kept(M z) const { return z >= masked_below; }
+  /// For a z with maybe_kept(z): quick() decides it (z above τ + δ, kept).
+  ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE bool surely_kept(M z) const { return z > kept_above; }
   ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE bool operator()(M z) const {
     bool unsure = false;
     const bool masked = quick(z, unsure);
@@ -81,6 +90,42 @@ ROUTEGRAD_HD row_summary<M> summarize_row(const Lanes& lanes, const Row& row) {
   bad = lanes.any(bad);
   top = lanes.argmax(top);
   return {!bad && top.index >= 0, top};
+}
+
+/// The row's largest logit and whether it can be routed (summarize_row's `routable`), without
+/// the argmax, which the backward and the GPU's sparse form do not need. From the GPU's staged
+/// rows without jitter (row_brings_staged_max) it costs no pass over the row: staging kept each
+/// lane's NaN-propagating max, and that max is finite exactly when the row is routable (a NaN or
+/// +inf logit makes it NaN or +inf; no finite logit leaves it −inf). Other rows: summarize_row.
+template <class M>
+struct row_peak {
+  bool routable;
+  M max;  // max of logit(i); meaningful when routable
+};
+
+template <class M, class Lanes, class Row>
+ROUTEGRAD_HD row_peak<M> peak_of_row(const Lanes& lanes, const Row& row) {
+  const M inf = math::infinity<M>();
+  if constexpr (row_brings_staged_max<Row>::value) {
+    const M top = lanes.max(row.staged_max);  // logit = clean: the max its staging found
+    return {-inf < top && top <= math::largest_finite<M>(), top};
+  } else {  // a pass over the row (on the CPU: as cheap as any, its max is one compare per element)
+    const row_summary<M> summary = summarize_row<M>(lanes, row);
+    return {summary.routable, summary.top.value};
+  }
+}
+
+/// The largest logit(i) over entries with include(i, logit(i)), −inf when none, on a routable
+/// row (no NaN): max_where without the argmax.
+template <class M, class Lanes, class Row, class Include>
+ROUTEGRAD_HD M max_value_where(const Lanes& lanes, const Row& row, Include include) {
+  const M inf = math::infinity<M>();
+  M top = -inf;
+  lanes.each(row.size(), [&](int i) {
+    const M z = row.logit(i);
+    top = math::max_of_numbers(top, include(i, z) ? z : -inf);
+  });
+  return lanes.max(top);
 }
 
 /// max / argmax of logit(i) over finite entries with include(i, logit(i)). (Predicates take the
@@ -152,8 +197,8 @@ struct positive_elements {
 /// Whether candidate_weights keeps a row's set of positive weights (positive_elements) for a lanes
 /// policy: with index words, or rows of at most 32 steps per lane.
 template <class Lanes>
-ROUTEGRAD_HD bool keeps_positive_elements(const Lanes& lanes, int n) {
-  return positive_elements<Lanes>::indexed || lanes.steps(n) <= 32;
+ROUTEGRAD_HD constexpr bool keeps_positive_elements(const Lanes&, int n) {
+  return positive_elements<Lanes>::indexed || Lanes::steps(n) <= 32;
 }
 
 /// Rows of at least this many steps per lane take candidate_weights' sparse form. Measured on an
@@ -167,9 +212,9 @@ inline constexpr int sparse_weights_min_steps = 16;
 /// that would compute exp for every element (the GPU's), never on the CPU, where exp_where skips
 /// the masked ones already (and the extra branches cost SparseMixer's CPU backward 4–6%).
 template <class Include, class Lanes>
-ROUTEGRAD_HD bool sparse_weights(const Lanes& lanes, int n) {
+ROUTEGRAD_HD constexpr bool sparse_weights(const Lanes& lanes, int n) {
   if constexpr (Include::sparse && Lanes::exp_for_every_element)
-    return keeps_positive_elements(lanes, n) && lanes.steps(n) >= sparse_weights_min_steps;
+    return keeps_positive_elements(lanes, n) && Lanes::steps(n) >= sparse_weights_min_steps;
   else
     return false;
 }
@@ -194,9 +239,19 @@ ROUTEGRAD_HD bool sparse_weights(const Lanes& lanes, int n) {
 /// element quick() could not decide (a logit within 2^-16 of the jitter-mask threshold: about
 /// one row in a thousand) redoes its elements with the exact include(i, z), so the result is
 /// always include's.
-template <class M, class Lanes, class Row, class Include>
+///
+/// `weights` may be `nullptr` (the type std::nullptr_t, a compile-time choice) where the caller
+/// knows the sparse form is taken: the weights are then not stored, and whoever needs one
+/// recomputes it as exp_fast(logit(i) − m), bitwise the same value.
+///
+/// With `first_max`, the sparse form also finds the lowest index whose logit is m (the slot's
+/// argmax when m is its max: always a candidate, so it is among the few it visits); the dense
+/// form leaves *first_max as it was.
+template <class M, class Lanes, class Row, class Include, class Weights>
 ROUTEGRAD_HD M candidate_weights(const Lanes& lanes, const Row& row, M m, Include include,
-                                 M* weights, positive_elements<Lanes>* live = nullptr) {
+                                 Weights weights, positive_elements<Lanes>* live = nullptr,
+                                 int* first_max = nullptr) {
+  constexpr bool stored = !std::is_null_pointer_v<Weights>;
   using found_t = positive_elements<Lanes>;
   M s = M(0);
   found_t found;
@@ -217,26 +272,55 @@ ROUTEGRAD_HD M candidate_weights(const Lanes& lanes, const Row& row, M m, Includ
   };
   bool unsure = !include.has_quick();
   if (sparse) {
-    if (!unsure)
-      lanes.each(n, [&](int i) {
-        const M z = row.logit(i);
-        mark(i, include.quick(i, z, unsure));
-      });
-    if (unsure) {  // this lane's elements again, exactly (a plain loop: it rarely runs), their
-                   // answers passed through `weights` to be marked by each() (the plain loop's
-                   // run-time index would not fold)
-      for (int i = lanes.lane(); i < n; i += lanes.count())
-        weights[i] = include(i, row.logit(i)) ? M(1) : M(0);
-      found = found_t{};
-      lanes.each(n, [&](int i) { mark(i, weights[i] > M(0)); });
+    if constexpr (Include::sparse) {  // (sparse is false otherwise)
+      // Weighs the marked elements; with `check`, also asks whether quick() decides each of them.
+      int first = -1;  // this lane's first element holding m
+      const auto weigh = [&](bool check) {
+        s = M(0);
+        first = -1;
+        found.each_own(lanes, [&](int i, int q, int b) {
+          const M z = row.logit(i);
+          if (check) unsure |= !include.surely_kept(z);
+          if (first_max != nullptr && first < 0 && z == m) first = i;
+          const M w = math::exp_fast(z - m);
+          if constexpr (stored) weights[i] = w;
+          s += w;
+          if (!(w > M(0))) found.word[q] &= ~(1u << b);  // exp underflowed: not positive
+        });
+      };
+      // One comparison per element: the candidates and the few elements quick() cannot decide
+      // (those are in the marked set, so asking the marked ones alone finds every unsure element).
+      if (!unsure) {
+        lanes.each(n, [&](int i) { mark(i, include.maybe(i, row.logit(i))); });
+        weigh(true);
+      }
+      if (unsure) {  // this lane's elements again, exactly (rarely: about one row in a thousand;
+                     // a plain loop, as include() branches: unrolled, it would split the pass)
+        found = found_t{};
+        if constexpr (stored) {  // the answers pass through `weights`, marked by each()
+          for (int i = lanes.lane(); i < n; i += lanes.count())
+            weights[i] = include(i, row.logit(i)) ? M(1) : M(0);
+          lanes.each(n, [&](int i) { mark(i, weights[i] > M(0)); });
+        } else {
+          for (int i = lanes.lane(); i < n; i += lanes.count()) {
+            if (!include(i, row.logit(i))) continue;
+            const unsigned at = static_cast<unsigned>(i - lanes.lane());
+            if constexpr (found_t::indexed) {
+              for (int q = 0; q < found_t::words; ++q)  // (a run-time word index would spill)
+                if (at / 32 == static_cast<unsigned>(q))
+                  found.word[q] |= 1u << (at % 32 + static_cast<unsigned>(lanes.lane()));
+            } else {
+              found.word[0] |= 1u << (at / L);
+            }
+          }
+        }
+        weigh(false);
+      }
+      if (first_max != nullptr)
+        *first_max =
+            lanes.argmax(row_extreme<M>{first >= 0 ? m : -math::infinity<M>(), first}).index;
     }
-    found.each_own(lanes, [&](int i, int q, int b) {
-      const M w = math::exp_fast(row.logit(i) - m);
-      weights[i] = w;
-      s += w;
-      if (!(w > M(0))) found.word[q] &= ~(1u << b);  // exp underflowed: not positive
-    });
-  } else {
+  } else if constexpr (stored) {  // (without a row to store in, the caller promised `sparse`)
     const auto put = [&](int i, M z, bool keep) {
       const M w = math::exp_where(z - m, [keep] { return keep; });
       weights[i] = w;
@@ -274,11 +358,12 @@ ROUTEGRAD_HD M candidate_weights(const Lanes& lanes, const Row& row, M m, Includ
 /// weights exceeds `target` (= u · Σ w, u in (0,1)). If rounding leaves the target unreached, the
 /// last entry with positive weight is taken. Needs one uniform, not one per expert. The running
 /// sum adds the positive weights one at a time in index order — every lane does it, reading the
-/// weights from the row, so every back end sums in the same order. `live`: candidate_weights'
-/// positive elements (unused for rows of more than 32 steps without an index-order set, which
-/// scan every step).
-template <class M, class Lanes>
-ROUTEGRAD_HD int inverse_cdf(const Lanes& lanes, const M* weights, int n, M target,
+/// weights from the row, so every back end sums in the same order. `weight(e)` is element e's
+/// candidate weight (read from candidate_weights' row, or recomputed where it stored none).
+/// `live`: candidate_weights' positive elements (unused for rows of more than 32 steps without an
+/// index-order set, which scan every step).
+template <class M, class Lanes, class Weight>
+ROUTEGRAD_HD int inverse_cdf(const Lanes& lanes, const Weight& weight, int n, M target,
                              const positive_elements<Lanes>& live) {
   using found_t = positive_elements<Lanes>;
   const int L = lanes.count();
@@ -286,7 +371,7 @@ ROUTEGRAD_HD int inverse_cdf(const Lanes& lanes, const M* weights, int n, M targ
   int last_positive = -1;
   // Adds element e's weight; true when it reaches the target.
   const auto add = [&](int e) {
-    running += weights[e];
+    running += weight(e);
     if (running > target) return true;
     last_positive = e;
     return false;
@@ -319,7 +404,7 @@ ROUTEGRAD_HD int inverse_cdf(const Lanes& lanes, const M* weights, int n, M targ
     } else {
       for (int step = 0; step * L < n; ++step) {
         const int i = step * L + lanes.lane();
-        const int hit = scan_step(step, i < n && weights[i] > M(0));
+        const int hit = scan_step(step, i < n && weight(i) > M(0));
         if (hit >= 0) return hit;
       }
     }

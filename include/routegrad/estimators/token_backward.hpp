@@ -28,10 +28,9 @@ template <class Est, class M, class Lanes, class Row>
 ROUTEGRAD_HD slot_softmax<M> clean_softmax(const Lanes& lanes, const Row& row, M routed_max) {
   M m = routed_max;
   if constexpr (Est::noisy) {
-    const M inf = math::infinity<M>();
-    row_extreme<M> top{-inf, -1};
-    lanes.each(row.size(), [&](int i) { keep_larger(top, row.clean(i), i); });
-    m = lanes.argmax(top).value;
+    m = -math::infinity<M>();
+    lanes.each(row.size(), [&](int i) { m = math::max_nan(m, row.clean(i)); });
+    m = lanes.max(m);
   }
   return {m, sum_exp_clean(lanes, row, m)};
 }
@@ -47,18 +46,16 @@ struct slot_view {
 /// with their positive elements (when candidate_weights keeps them).
 template <class Est, class M, class Lanes, class Row, class Slots>
 ROUTEGRAD_HD slot_view<M> recompute_slot(const Lanes& lanes, const Row& row, const Slots& slots,
-                                         slot_softmax<M> shared, row_extreme<M> row_top, M two_eps,
-                                         int j, M* weights, positive_elements<Lanes>* live) {
+                                         slot_softmax<M> shared, M row_max, M two_eps, int j,
+                                         M* weights, positive_elements<Lanes>* live) {
   const int d = static_cast<int>(slots.expert(j));
   if constexpr (Est::per_slot_softmax) {
     return with_taken(lanes, slots, j, row.size(), [&](const auto& taken) -> slot_view<M> {
       using Taken = std::decay_t<decltype(taken)>;
-      const row_extreme<M> top =
-          j == 0 ? row_top : max_where<M>(lanes, row, not_taken<Taken>{taken});
-      if (top.index < 0) return {shared, M(0)};
-      const slot_candidates<Est, M, Row, Taken> candidate{row, taken, top.value, two_eps};
-      const slot_softmax<M> sm{top.value,
-                               candidate_weights(lanes, row, top.value, candidate, weights, live)};
+      const M top = j == 0 ? row_max : max_value_where<M>(lanes, row, not_taken<Taken>{taken});
+      if (!(top > -math::infinity<M>())) return {shared, M(0)};  // no finite logit left
+      const slot_candidates<Est, M, Row, Taken> candidate{row, taken, top, two_eps};
+      const slot_softmax<M> sm{top, candidate_weights(lanes, row, top, candidate, weights, live)};
       if (!candidate.contains(d)) return {sm, M(0)};
       return {sm, math::exp(row.logit(d) - sm.max) / sm.norm};
     });
@@ -74,12 +71,12 @@ template <class Est, class M, class Lanes, class Row, class Slots, class Grad, c
 ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots& slots, Grad& grad,
                                  M* weights, const token_params<M>& p,
                                  const aux_gradient<M, Fraction>& aux) {
-  const row_summary<M> summary = summarize_row<M>(lanes, row);
-  if (!summary.routable) return false;
+  const row_peak<M> peak = peak_of_row<M>(lanes, row);  // the backward needs no argmax
+  if (!peak.routable) return false;
   const M two_eps = M(2) * p.jitter_eps;
-  slot_softmax<M> shared{summary.top.value, M(1)};
+  slot_softmax<M> shared{peak.max, M(1)};
   if constexpr (!Est::per_slot_softmax)
-    shared.norm = candidate_weights(lanes, row, summary.top.value, any_expert{}, weights);
+    shared.norm = candidate_weights(lanes, row, peak.max, any_expert{}, weights);
   using view_t = slot_view<M>;
   // Where candidate_weights takes its sparse form (SparseMixer's slots on long rows), the weights
   // of the positive candidates alone are written and the Jacobian below visits them alone (the
@@ -96,7 +93,7 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
     M s = M(0), q = M(0);
     for (int j = 0; j < p.k; ++j) {
       const view_t v = recompute_slot<Est, M, Lanes, Row, Slots>(
-          lanes, row, slots, shared, summary.top, two_eps, j, weights, nullptr);
+          lanes, row, slots, shared, peak.max, two_eps, j, weights, nullptr);
       const M g = coin_scale<typename Est::rule, M>(slots.coin(j)) * v.pi_chosen;
       s += g;
       q += static_cast<M>(slots.grad_gate(j)) * g;
@@ -113,7 +110,7 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
   bool written = false;  // the first contribution sets the row, the later ones add to it
   for (int j = 0; j < p.k; ++j) {
     const view_t v = recompute_slot<Est, M, Lanes, Row, Slots>(
-        lanes, row, slots, shared, summary.top, two_eps, j, weights, sparse ? &live : nullptr);
+        lanes, row, slots, shared, peak.max, two_eps, j, weights, sparse ? &live : nullptr);
     if (!(v.pi_chosen > M(0)) || renorm_inv == M(0)) continue;
     M g = static_cast<M>(slots.grad_gate(j));
     if (p.renormalize) g = (g - renorm_shift) * renorm_inv;
@@ -143,7 +140,7 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
   if constexpr (Est::noisy) lanes.each(row.size(), [&](int i) { grad.scale(i, row.chain(i)); });
 
   if (aux.load_balance_scale != M(0) || aux.z_loss_scale != M(0)) {
-    const slot_softmax<M> c = clean_softmax<Est, M>(lanes, row, summary.top.value);
+    const slot_softmax<M> c = clean_softmax<Est, M>(lanes, row, peak.max);
     M fp = M(0);
     if (aux.load_balance_scale != M(0)) {
       lanes.each(row.size(),

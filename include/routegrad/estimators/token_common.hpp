@@ -120,6 +120,16 @@ struct slot_candidates {
     }
     return true;
   }
+  /// For the sparse form (candidate_weights): every candidate and every element quick() cannot
+  /// decide, by one comparison; then surely_kept(z) of those tells which quick() decides.
+  ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE bool maybe(int i, M z) const {
+    static_assert(sparse, "the sparse form's test");
+    return !taken(i) & masked.maybe_kept(z);
+  }
+  ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE bool surely_kept(M z) const {
+    static_assert(sparse, "the sparse form's test");
+    return masked.surely_kept(z);
+  }
   /// For any element, the same answer on every lane.
   ROUTEGRAD_HD bool contains(int i) const {
     if constexpr (Est::per_slot_softmax) {

@@ -4,7 +4,9 @@
 //   expert(j)                       the expert recorded for slot j (j below the current slot)
 //   record(j, expert, gate, coin)   store slot j's choice
 //   gate(j), set_gate(j, g)         read back / replace a gate (renormalisation)
-// `weights` is E elements of scratch (per lane, only its own elements are used).
+// `weights` is E elements of scratch (per lane, only its own elements are used), or `nullptr`
+// (std::nullptr_t) where candidate_weights surely takes its sparse form (the draw then recomputes
+// the weights it reads).
 #pragma once
 
 #include <type_traits>
@@ -22,12 +24,23 @@ struct token_outcome {
 };
 
 /// Routes token `t`.
-template <class Est, class M, class Lanes, class Row, class Slots>
+template <class Est, class M, class Lanes, class Row, class Slots, class Weights>
 ROUTEGRAD_HD token_outcome token_forward(const Lanes& lanes, const Row& row, Slots& slots,
-                                         M* weights, const token_params<M>& p,
+                                         Weights weights, const token_params<M>& p,
                                          const rng_stream& rng, index_t t) {
   static_assert(!Est::sampled || Est::per_slot_softmax, "sampling draws from per-slot weights");
-  const row_summary<M> summary = summarize_row<M>(lanes, row);
+  // Where candidate_weights takes its sparse form, the row pass finds the max alone (one
+  // instruction per element on the GPU) and each slot's argmax comes from its candidates, of
+  // which it is always one; elsewhere summarize_row and max_where find both.
+  const bool sparse =
+      sparse_weights<slot_candidates<Est, M, Row, nothing_taken>>(lanes, row.size());
+  row_summary<M> summary;
+  if (sparse) {
+    const row_peak<M> peak = peak_of_row<M>(lanes, row);
+    summary = {peak.routable, {peak.max, -1}};  // the index: slot 0's candidate_weights
+  } else {
+    summary = summarize_row<M>(lanes, row);
+  }
   if (!summary.routable) {
     for (int j = 0; j < p.k; ++j) slots.record(j, j, M(0), 0);
     return {false, false};
@@ -41,9 +54,11 @@ ROUTEGRAD_HD token_outcome token_forward(const Lanes& lanes, const Row& row, Slo
   // Routes slot j with its taken-expert test; returns the gate.
   const auto route_slot = [&](int j, const auto& taken) -> M {
     using Taken = std::decay_t<decltype(taken)>;
-    const row_extreme<M> top =
-        j == 0 ? summary.top : max_where<M>(lanes, row, not_taken<Taken>{taken});
-    if (top.index < 0) {  // no finite logit left for this slot
+    row_extreme<M> top = summary.top;
+    if (j > 0)
+      top = sparse ? row_extreme<M>{max_value_where<M>(lanes, row, not_taken<Taken>{taken}), -1}
+                   : max_where<M>(lanes, row, not_taken<Taken>{taken});
+    if (!(top.value > -math::infinity<M>())) {  // no finite logit left for this slot
       slots.record(j, lowest_free_expert(slots, j), M(0), 0);
       complete = false;
       return M(0);
@@ -52,7 +67,8 @@ ROUTEGRAD_HD token_outcome token_forward(const Lanes& lanes, const Row& row, Slo
     slot_softmax<M> sm = shared;
     [[maybe_unused]] positive_elements<Lanes> live;  // the candidates (inverse-CDF draw)
     if constexpr (Est::per_slot_softmax)
-      sm = {top.value, candidate_weights(lanes, row, top.value, candidate, weights, &live)};
+      sm = {top.value, candidate_weights(lanes, row, top.value, candidate, weights, &live,
+                                         sparse ? &top.index : nullptr)};
 
     int chosen = top.index;
     int coin = 0;
@@ -61,7 +77,15 @@ ROUTEGRAD_HD token_outcome token_forward(const Lanes& lanes, const Row& row, Slo
         const philox4x32 b = rng.block(static_cast<std::uint64_t>(t), rng_purpose::slot,
                                        static_cast<std::uint32_t>(j));
         const M target = static_cast<M>(uniform_open01(b.v[0])) * sm.norm;
-        chosen = inverse_cdf(lanes, weights, row.size(), target, live);
+        // Weights the sparse form did not store (weights: nullptr) are recomputed as it computed
+        // them: bitwise the same.
+        const auto weight = [&](int e) -> M {
+          if constexpr (std::is_null_pointer_v<Weights>)
+            return math::exp_fast(row.logit(e) - sm.max);
+          else
+            return weights[e];
+        };
+        chosen = inverse_cdf(lanes, weight, row.size(), target, live);
         if (chosen != top.index)
           coin = draw_coin<typename Est::rule>(static_cast<M>(uniform_open01(b.v[1])));
       }
