@@ -12,77 +12,26 @@
 
 namespace routegrad::cuda::detail {
 
-template __global__ void forward_kernel<sparsemixer_midpoint, warp_lanes<4, 32, 8>, float, float>(
-    const forward_args<float, float>);
-template __global__ void forward_kernel<sparsemixer_midpoint, warp_lanes<4, 16, 16>, float, float>(
-    const forward_args<float, float>);
-template __global__ void backward_kernel<sparsemixer_midpoint, warp_lanes<8, 16, 4>, float, float,
-                                         float>(const backward_args<float, float, float>);
-template __global__ void backward_kernel<sparsemixer_midpoint, warp_lanes<4, 16, 4>, float, float,
-                                         float>(const backward_args<float, float, float>);
-template __global__ void forward_kernel<sparsemixer_midpoint, warp_lanes<4, 32, 8>, __nv_bfloat16,
-                                        float>(const forward_args<__nv_bfloat16, float>);
-template __global__ void forward_kernel<sparsemixer_midpoint, warp_lanes<4, 16, 16>, __nv_bfloat16,
-                                        float>(const forward_args<__nv_bfloat16, float>);
-template __global__ void
-backward_kernel<sparsemixer_midpoint, warp_lanes<8, 16, 4>, __nv_bfloat16, float, __nv_bfloat16>(
-    const backward_args<__nv_bfloat16, float, __nv_bfloat16>);
-template __global__ void
-backward_kernel<sparsemixer_midpoint, warp_lanes<4, 16, 4>, __nv_bfloat16, float, __nv_bfloat16>(
-    const backward_args<__nv_bfloat16, float, __nv_bfloat16>);
-template __global__ void forward_kernel<sparsemixer_heun3, warp_lanes<4, 32, 8>, float, float>(
-    const forward_args<float, float>);
-template __global__ void forward_kernel<sparsemixer_heun3, warp_lanes<4, 16, 16>, float, float>(
-    const forward_args<float, float>);
-template __global__ void backward_kernel<sparsemixer_heun3, warp_lanes<8, 16, 4>, float, float,
-                                         float>(const backward_args<float, float, float>);
-template __global__ void backward_kernel<sparsemixer_heun3, warp_lanes<4, 16, 4>, float, float,
-                                         float>(const backward_args<float, float, float>);
-template __global__ void forward_kernel<sparsemixer_heun3, warp_lanes<4, 32, 8>, __nv_bfloat16,
-                                        float>(const forward_args<__nv_bfloat16, float>);
-template __global__ void forward_kernel<sparsemixer_heun3, warp_lanes<4, 16, 16>, __nv_bfloat16,
-                                        float>(const forward_args<__nv_bfloat16, float>);
-template __global__ void
-backward_kernel<sparsemixer_heun3, warp_lanes<8, 16, 4>, __nv_bfloat16, float, __nv_bfloat16>(
-    const backward_args<__nv_bfloat16, float, __nv_bfloat16>);
-template __global__ void
-backward_kernel<sparsemixer_heun3, warp_lanes<4, 16, 4>, __nv_bfloat16, float, __nv_bfloat16>(
-    const backward_args<__nv_bfloat16, float, __nv_bfloat16>);
-template __global__ void forward_kernel<sparsemixer_euler, warp_lanes<4, 32, 8>, float, float>(
-    const forward_args<float, float>);
-template __global__ void forward_kernel<sparsemixer_euler, warp_lanes<4, 16, 16>, float, float>(
-    const forward_args<float, float>);
-template __global__ void backward_kernel<sparsemixer_euler, warp_lanes<8, 16, 4>, float, float,
-                                         float>(const backward_args<float, float, float>);
-template __global__ void backward_kernel<sparsemixer_euler, warp_lanes<4, 16, 4>, float, float,
-                                         float>(const backward_args<float, float, float>);
-template __global__ void forward_kernel<sparsemixer_euler, warp_lanes<4, 32, 8>, __nv_bfloat16,
-                                        float>(const forward_args<__nv_bfloat16, float>);
-template __global__ void forward_kernel<sparsemixer_euler, warp_lanes<4, 16, 16>, __nv_bfloat16,
-                                        float>(const forward_args<__nv_bfloat16, float>);
-template __global__ void
-backward_kernel<sparsemixer_euler, warp_lanes<8, 16, 4>, __nv_bfloat16, float, __nv_bfloat16>(
-    const backward_args<__nv_bfloat16, float, __nv_bfloat16>);
-template __global__ void
-backward_kernel<sparsemixer_euler, warp_lanes<4, 16, 4>, __nv_bfloat16, float, __nv_bfloat16>(
-    const backward_args<__nv_bfloat16, float, __nv_bfloat16>);
-template __global__ void forward_kernel<topk_softmax, warp_lanes<4, 32, 8>, float, float>(
-    const forward_args<float, float>);
-template __global__ void forward_kernel<topk_softmax, warp_lanes<4, 16, 16>, float, float>(
-    const forward_args<float, float>);
-template __global__ void backward_kernel<topk_softmax, warp_lanes<8, 16, 4>, float, float, float>(
-    const backward_args<float, float, float>);
-template __global__ void backward_kernel<topk_softmax, warp_lanes<4, 16, 4>, float, float, float>(
-    const backward_args<float, float, float>);
-template __global__ void forward_kernel<topk_softmax, warp_lanes<4, 32, 8>, __nv_bfloat16, float>(
-    const forward_args<__nv_bfloat16, float>);
-template __global__ void forward_kernel<topk_softmax, warp_lanes<4, 16, 16>, __nv_bfloat16, float>(
-    const forward_args<__nv_bfloat16, float>);
-template __global__ void
-backward_kernel<topk_softmax, warp_lanes<8, 16, 4>, __nv_bfloat16, float, __nv_bfloat16>(
-    const backward_args<__nv_bfloat16, float, __nv_bfloat16>);
-template __global__ void
-backward_kernel<topk_softmax, warp_lanes<4, 16, 4>, __nv_bfloat16, float, __nv_bfloat16>(
-    const backward_args<__nv_bfloat16, float, __nv_bfloat16>);
+// The forward at 4 × 32 (E ≤ 128) and 4 × 16 (E ≤ 64), the backward at 8 × 16 and 4 × 16.
+#define ROUTEGRAD_HOT_ROUTING_KERNELS(Est, T)                                       \
+  template __global__ void forward_kernel<Est, warp_lanes<4, 32, 8>, T, float>(     \
+      const forward_args<T, float>);                                                \
+  template __global__ void forward_kernel<Est, warp_lanes<4, 16, 16>, T, float>(    \
+      const forward_args<T, float>);                                                \
+  template __global__ void backward_kernel<Est, warp_lanes<8, 16, 4>, T, float, T>( \
+      const backward_args<T, float, T>);                                            \
+  template __global__ void backward_kernel<Est, warp_lanes<4, 16, 4>, T, float, T>( \
+      const backward_args<T, float, T>);
+
+ROUTEGRAD_HOT_ROUTING_KERNELS(sparsemixer_midpoint, float)
+ROUTEGRAD_HOT_ROUTING_KERNELS(sparsemixer_midpoint, __nv_bfloat16)
+ROUTEGRAD_HOT_ROUTING_KERNELS(sparsemixer_heun3, float)
+ROUTEGRAD_HOT_ROUTING_KERNELS(sparsemixer_heun3, __nv_bfloat16)
+ROUTEGRAD_HOT_ROUTING_KERNELS(sparsemixer_euler, float)
+ROUTEGRAD_HOT_ROUTING_KERNELS(sparsemixer_euler, __nv_bfloat16)
+ROUTEGRAD_HOT_ROUTING_KERNELS(topk_softmax, float)
+ROUTEGRAD_HOT_ROUTING_KERNELS(topk_softmax, __nv_bfloat16)
+
+#undef ROUTEGRAD_HOT_ROUTING_KERNELS
 
 }  // namespace routegrad::cuda::detail

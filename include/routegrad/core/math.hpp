@@ -130,19 +130,13 @@ ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE M max(M a, M b) {
   return a < b ? b : a;
 }
 /// The larger of a and b where neither is NaN: one instruction on either side (fmax's FMNMX on
-/// the GPU; the compare-and-select, maxss, on the CPU, where fmax would test for NaN).
-ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE float max_of_numbers(float a, float b) {
+/// the GPU; max's compare-and-select, maxss, on the CPU, where fmax would test for NaN).
+template <class M>
+ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE M max_of_numbers(M a, M b) {
 #if ROUTEGRAD_DEVICE_PASS
-  return ::fmaxf(a, b);
+  return ::fmax(a, b);  // (CUDA's float overload: fmaxf)
 #else
-  return a < b ? b : a;
-#endif
-}
-ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE double max_of_numbers(double a, double b) {
-#if ROUTEGRAD_DEVICE_PASS
-  return ::fmax(a, b);
-#else
-  return a < b ? b : a;
+  return max(a, b);
 #endif
 }
 /// The larger of a and b, NaN when either is NaN: one instruction on the GPU (max.NaN, sm_80
@@ -157,7 +151,7 @@ ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE float max_nan(float a, float b) {
   asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
   return y;
 #else
-  return (b > a) | is_nan(b) ? b : a;
+  return max_nan<float>(a, b);  // the generic form
 #endif
 }
 

@@ -28,8 +28,8 @@ template <class Est, class M, class Lanes, class Row>
 ROUTEGRAD_HD slot_softmax<M> clean_softmax(const Lanes& lanes, const Row& row, M routed_max) {
   M m = routed_max;
   if constexpr (Est::noisy) {
-    m = -math::infinity<M>();
-    lanes.each(row.size(), [&](int i) { m = math::max_nan(m, row.clean(i)); });
+    m = -math::infinity<M>();  // (a routable row's clean logits hold no NaN)
+    lanes.each(row.size(), [&](int i) { m = math::max_of_numbers(m, row.clean(i)); });
     m = lanes.max(m);
   }
   return {m, sum_exp_clean(lanes, row, m)};
