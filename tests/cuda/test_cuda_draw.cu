@@ -22,8 +22,8 @@ using cuda::warp_lanes;
 constexpr int max_words = 8;  // index words of the widest policy here (E ≤ 256)
 
 /// One group of Lanes per row, 32 / width rows per block of one warp. Writes the weights, the
-/// recorded words (index order; zero for policies without index words) and one chosen element per
-/// target.
+/// recorded words (index order; for policies without index words, lane l's word of its own steps
+/// in word l, for the first max_words lanes) and one chosen element per target.
 template <class Lanes>
 __global__ void draw_kernel(const float* logits, int rows, int n, const float* row_max,
                             float two_eps, const float* targets, int targets_per_row,
@@ -46,11 +46,13 @@ __global__ void draw_kernel(const float* logits, int rows, int n, const float* r
   positive_elements<Lanes> live;
   candidate_weights(lanes, row, row_max[r], candidate, weights, &live);
   lanes.each(n, [&](int i) { weights_out[static_cast<index_t>(r) * n + i] = weights[i]; });
-  if (lanes.lane() == 0)
-    for (int q = 0; q < max_words; ++q)
-      words_out[r * max_words + q] =
-          positive_elements<Lanes>::indexed && q < positive_elements<Lanes>::words ? live.word[q]
-                                                                                   : 0u;
+  if constexpr (positive_elements<Lanes>::indexed) {
+    if (lanes.lane() == 0)
+      for (int q = 0; q < max_words; ++q)
+        words_out[r * max_words + q] = q < positive_elements<Lanes>::words ? live.word[q] : 0u;
+  } else if (lanes.lane() < max_words) {  // each lane's own steps (lanes.step_bits), where kept
+    words_out[r * max_words + lanes.lane()] = keeps_positive_elements(lanes, n) ? live.word[0] : 0u;
+  }
   for (int j = 0; j < targets_per_row; ++j) {
     const int chosen = inverse_cdf(
         lanes, [&](int e) { return weights[e]; }, n, targets[r * targets_per_row + j], live);
@@ -163,10 +165,19 @@ void check_policy(int n, float two_eps, std::uint64_t seed) {
         ++positives;
       }
     }
-    if (indexed)
+    if (indexed) {
       for (int q = 0; q < max_words; ++q)
         CHECK(words[static_cast<std::size_t>(r) * max_words + q] ==
               (q < (n + 31) / 32 ? expect[q] : 0u));
+    } else {  // lane l's bit s: element l + s·width (rows of at most 32 steps keep the set)
+      for (int l = 0; l < width && l < max_words; ++l) {
+        unsigned own = 0u;
+        for (int s = 0; steps <= 32 && l + s * width < n; ++s)
+          if (w[l + s * width] > 0.0f) own |= 1u << s;
+        CAPTURE(l);
+        CHECK(words[static_cast<std::size_t>(r) * max_words + l] == own);
+      }
+    }
     for (int j = 0; j < per_row; ++j) {
       const float target = targets[static_cast<std::size_t>(r) * per_row + j];
       CAPTURE(target);

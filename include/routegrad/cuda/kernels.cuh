@@ -21,12 +21,6 @@ namespace routegrad::cuda::detail {
 /// heun3 top-2 fwd + bwd 170.4–170.9 → 165.6–165.7 at E = 128 and 95.8–96.4 → 92.3–92.6 at
 /// E = 64; 1 helped top-1's backward a little more (54.9 at E = 128) and cost top-2 3–6%).
 inline constexpr int register_slots = 2;
-/// Blocks of 256 threads the routing kernels are compiled to keep resident per multiprocessor
-/// (caps them at 64 registers). They are bound by instruction issue and latency; on an H200 at
-/// T = 131072, E = 128 the 4-block cap ran the forward 1.4× and the backward 1.3× faster than
-/// the uncapped 126-register build despite a few spilled registers; 5 and 6 blocks (48 and 40
-/// registers) spilled more and ran 5–30% slower.
-inline constexpr int min_resident_blocks = 4;
 /// Tokens per block of the loss-sum kernel (the fixed reduction order).
 inline constexpr int stats_block_tokens = 256;
 
@@ -47,28 +41,57 @@ struct forward_args {
   unsigned long long* nonfinite;  // stats.nonfinite_rows, may be null
 };
 
-/// Shared memory rows per token group: the staged row, Switch's jitter, the candidate weights and
-/// (backward) the gradient row.
-template <class Est, class M>
-__host__ __device__ constexpr int shared_rows(bool backward) {
-  return 1 + (Est::noisy ? 1 : 0) + 1 + (backward ? 1 : 0);  // row, jitter, weights, gradient
-}
-
-/// Whether the forward keeps a row of candidate weights: not where SparseMixer's weights surely
-/// take their sparse form (lanes with a fixed number of steps per lane; the draw then recomputes
-/// the few it reads). That frees a row of shared memory per token, which bounded the forward's
-/// occupancy (H200, E = 128, 4 × 32: 6 blocks of 128 threads per multiprocessor with the row, 8 —
-/// the register bound — without).
+/// Whether a kernel keeps a row of candidate weights in shared memory: not where SparseMixer's
+/// weights surely take their sparse form (lanes with a fixed number of steps per lane); whoever
+/// reads a candidate's weight then recomputes it (bitwise the same). That frees a row of shared
+/// memory per token, which bounded occupancy (H200, E = 128: the forward at 4 × 32 ran 6 blocks of
+/// 128 threads per multiprocessor with the row, 8 — the register bound — without).
 template <class Est, class Lanes, class M>
-__host__ __device__ constexpr bool forward_keeps_weights() {
+__host__ __device__ constexpr bool keeps_weights_row() {
   return Lanes::per_lane == 0 ||
          !sparse_weights<slot_candidates<Est, M, staged_row<M, Est::noisy>, nothing_taken>>(
              Lanes{}, Lanes::per_lane * Lanes::width);
 }
-/// The forward's (and the loss-sum kernel's, which shares its launch footprint) rows per group.
+/// Shared memory rows per token group. The forward (and the loss-sum kernel, which shares its
+/// launch footprint): the staged row, Switch's jitter, the candidate weights (where kept).
 template <class Est, class Lanes, class M>
 __host__ __device__ constexpr int forward_shared_rows() {
-  return 1 + (Est::noisy ? 1 : 0) + (forward_keeps_weights<Est, Lanes, M>() ? 1 : 0);
+  return 1 + (Est::noisy ? 1 : 0) + (keeps_weights_row<Est, Lanes, M>() ? 1 : 0);
+}
+/// The backward: those and the gradient row, always last.
+template <class Est, class Lanes, class M>
+__host__ __device__ constexpr int backward_shared_rows() {
+  return forward_shared_rows<Est, Lanes, M>() + 1;
+}
+
+/// Threads per block and blocks per multiprocessor a routing kernel is compiled for, which caps
+/// its registers at 65536 / (threads · blocks). The kernels are bound by latency, so resident
+/// warps count; but every register short of what a kernel needs is a spill. 256 × 4 (64
+/// registers) by default: on an H200 at T = 131072, E = 128 it ran the kernels 1.3–1.4× faster
+/// than uncapped (126 registers), and 40–48 registers spilled more and ran 5–30% slower.
+struct launch_bounds {
+  int threads;
+  int blocks;
+};
+/// The forward at 4 lanes × 16 or 32 (E = 33 … 128 at large T): 128 × 9 (56 registers; 36 warps
+/// per multiprocessor instead of 32). H200, T = 131072, 2026-11-30 15:23 UTC: midpoint E = 128
+/// fp32 33.4–33.5 → 31.3 µs, bf16 31.0–31.5 → 28.7–28.9, E = 64 23.2 → 21.8–22.0 (with 8 bytes
+/// spilled), heun3 top-2 E = 128 54.7–54.9 → 51.8–52.0; 48 registers (128 × 10) was 0.2–1 µs
+/// faster still but spilled at E = 128 as well. Other shapes spill up to 52 bytes at 56 registers.
+template <class Lanes>
+__host__ __device__ constexpr launch_bounds forward_bounds() {
+  return Lanes::width == 4 && Lanes::per_lane >= 16 ? launch_bounds{128, 9} : launch_bounds{256, 4};
+}
+/// The backward at 8 lanes × 16 (E = 65 … 128) where it keeps no weights row (SparseMixer): 128 ×
+/// 9 (56 registers; bf16 spills 4–8 bytes), with shared memory for 9 blocks. 15:27 UTC: midpoint
+/// fp32 43.4–43.5 → 41.4–41.6 µs, bf16 45.7–45.8 → 43.0–43.1, heun3 top-2 fp32 63.5 → 61.7,
+/// bf16 70.0–70.2 → 68.6–68.8. Not elsewhere: Switch's and top-k's backward (they keep the weights
+/// row) 80.6–80.9 → 90.2–90.4 and 44.0–44.2 → 51.3–51.7; midpoint's 4 × 16 (E = 64) 27.2 → 27.7.
+template <class Est, class Lanes, class M>
+__host__ __device__ constexpr launch_bounds backward_bounds() {
+  return Lanes::width == 8 && Lanes::per_lane == 16 && !keeps_weights_row<Est, Lanes, M>()
+             ? launch_bounds{128, 9}
+             : launch_bounds{256, 4};
 }
 
 /// Elements of shared memory per token group: its rows, padded so that the groups of one warp
@@ -101,7 +124,7 @@ __device__ token_params<M> params_of(const routing_options& opt) {
 }
 
 template <class Est, class Lanes, class T, class G>
-__global__ void __launch_bounds__(256, min_resident_blocks)
+__global__ void __launch_bounds__(forward_bounds<Lanes>().threads, forward_bounds<Lanes>().blocks)
     forward_kernel(const forward_args<T, G> a) {
   wait_for_prior_grids();  // launched as a dependent launch (dependent_launch.cuh)
   using M = math_t<T>;
@@ -131,7 +154,7 @@ __global__ void __launch_bounds__(256, min_resident_blocks)
         {},
         {}};
     token_outcome outcome;
-    if constexpr (forward_keeps_weights<Est, Lanes, M>())
+    if constexpr (keeps_weights_row<Est, Lanes, M>())
       outcome = token_forward<Est, M>(lanes, row, slots, values + (rows_per_group - 1) * n, params,
                                       rng, t);
     else
@@ -144,6 +167,7 @@ __global__ void __launch_bounds__(256, min_resident_blocks)
           if (row.clean(e) > -math::infinity<M>()) atomicAdd(a.counts + e, 1ull);
         }
     }
+    if (t + stride < a.rows) __syncwarp(lanes.mask);  // done with the row (stage_row)
   }
 }
 
@@ -167,7 +191,8 @@ struct backward_args {
 };
 
 template <class Est, class Lanes, class T, class GG, class GL>
-__global__ void __launch_bounds__(256, min_resident_blocks)
+__global__ void __launch_bounds__(backward_bounds<Est, Lanes, math_t<T>>().threads,
+                                  backward_bounds<Est, Lanes, math_t<T>>().blocks)
     backward_kernel(const backward_args<T, GG, GL> a) {
   wait_for_prior_grids();  // launched as a dependent launch (dependent_launch.cuh)
   using M = math_t<T>;
@@ -177,8 +202,9 @@ __global__ void __launch_bounds__(256, min_resident_blocks)
   const index_t groups = blockDim.x / Width;
   const index_t stride = static_cast<index_t>(gridDim.x) * groups;
   const int n = static_cast<int>(a.cols);
-  M* values = group_shared<M, Width>(shared_bytes, n, shared_rows<Est, M>(true));
-  M* scratch = values + (shared_rows<Est, M>(true) - 1) * n;
+  constexpr int rows_per_group = backward_shared_rows<Est, Lanes, M>();
+  M* values = group_shared<M, Width>(shared_bytes, n, rows_per_group);
+  M* scratch = values + (rows_per_group - 1) * n;  // the gradient row
   const M noise_eps = noise_eps_of<Est, M>(a.opt);
   const token_params<M> params = params_of<M>(a.opt);
   const rng_stream rng = rng_with_counter(a.rng, a.offset_counter);
@@ -226,8 +252,13 @@ __global__ void __launch_bounds__(256, min_resident_blocks)
       if (e < 0 || e >= a.cols || slots.coin(j) > Est::rule::num_nodes) valid_state = false;
     }
     shared_grad<M> acc{scratch};
-    if (!(valid_state && token_backward<Est, M>(lanes, row, slots, acc, scratch - n, params, aux)))
-      lanes.each(n, [&](int i) { scratch[i] = M(0); });
+    const auto backward = [&] {
+      if constexpr (keeps_weights_row<Est, Lanes, M>())
+        return token_backward<Est, M>(lanes, row, slots, acc, scratch - n, params, aux);
+      else
+        return token_backward<Est, M>(lanes, row, slots, acc, nullptr, params, aux);
+    };
+    if (!(valid_state && backward())) lanes.each(n, [&](int i) { scratch[i] = M(0); });
     GL* out = a.grad_logits + t * a.grad_stride0;
     const auto store = [&](GL& o, M g) { o = from_math<GL>(a.accumulate ? to_math<M>(o) + g : g); };
     bool stored = false;
@@ -243,6 +274,7 @@ __global__ void __launch_bounds__(256, min_resident_blocks)
       else
         lanes.each(n, [&](int i) { store(out[i * a.grad_stride1], scratch[i]); });
     }
+    if (t + stride < a.rows) __syncwarp(lanes.mask);  // done with the rows (stage_row)
   }
 }
 
@@ -279,6 +311,7 @@ __global__ void __launch_bounds__(256)
       row_max[r] = c.max;
       row_norm[r] = c.norm;
     }
+    __syncwarp(lanes.mask);  // done with the row (stage_row)
   }
   __syncthreads();
   double* out = partial + static_cast<index_t>(blockIdx.x) * (cols + 1);

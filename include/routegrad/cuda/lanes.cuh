@@ -116,6 +116,41 @@ struct warp_lanes {
       for (int i = lane_id; i < n; i += Width) f(i);
     }
   }
+  /// Bit s set when pred(i) holds for this lane's element i = lane + s · Width of step s, for
+  /// rows of at most 32 steps. Each unrolled run of steps gathers its bits at constant positions
+  /// and shifts them into place once: in `each` with a per-element mark, a partly unrolled loop
+  /// shifted a bit by the run-time step for every element (H200, E = 128: a fifth of the
+  /// forward's instructions were that marking pass).
+  template <class P>
+  __device__ __forceinline__ unsigned step_bits(int n, P&& pred) const {
+    unsigned bits = 0u;
+    if constexpr (PerLane > 0) {
+      // The bits of steps first .. first + Unroll − 1; `bounded` tests each element against n.
+      const auto run = [&](int first, auto bounded) {
+        unsigned r = 0u;
+#pragma unroll
+        for (int s = 0; s < Unroll; ++s) {
+          const int i = lane_id + (first + s) * Width;
+          if (!decltype(bounded)::value || i < n) r |= pred(i) ? 1u << s : 0u;
+        }
+        return r;
+      };
+      if (n == Width * PerLane) {  // a full row: no bound test per element
+#pragma unroll 1
+        for (int first = 0; first < PerLane; first += Unroll)
+          bits |= run(first, std::false_type{}) << first;
+      } else {
+#pragma unroll 1
+        for (int first = 0; first < PerLane; first += Unroll)
+          bits |= run(first, std::true_type{}) << first;
+      }
+    } else {
+      int s = 0;
+#pragma unroll Unroll
+      for (int i = lane_id; i < n; i += Width, ++s) bits |= pred(i) ? 1u << s : 0u;
+    }
+    return bits;
+  }
   __host__ __device__ static constexpr int steps(int n) {
     return PerLane > 0 ? PerLane : (n + Width - 1) / Width;
   }

@@ -164,12 +164,12 @@ struct launch_shape {
 };
 
 template <class Kernel>
-status shape_for(Kernel kernel, int width, std::size_t bytes_per_group, index_t rows,
-                 launch_shape& out) {
+status shape_for(Kernel kernel, int max_threads, int width, std::size_t bytes_per_group,
+                 index_t rows, launch_shape& out) {
   // Kernels declare at most a few KiB of static shared memory; keep the dynamic part below the
   // default 48 KiB limit minus that, or opt in to more.
   constexpr std::size_t default_limit = 40 * 1024, static_reserve = 8 * 1024;
-  int threads = 256;
+  int threads = max_threads;
   while (threads > 32 &&
          static_cast<std::size_t>(threads / width) * bytes_per_group > default_limit)
     threads /= 2;
@@ -308,10 +308,11 @@ status run_forward(const routing_options& opt, device_view<TL, 2> logits,
     const std::size_t group_bytes =
         detail::group_bytes<M>(cols, detail::forward_shared_rows<Est, L, M>(), W);
     shape_status =
-        detail::shape_for(detail::forward_kernel<Est, L, T, G>, W, group_bytes, rows, fwd_shape);
+        detail::shape_for(detail::forward_kernel<Est, L, T, G>, detail::forward_bounds<L>().threads,
+                          W, group_bytes, rows, fwd_shape);
     if (shape_status.is_ok() && need > 0)
-      shape_status = detail::shape_for(detail::loss_partials_kernel<Est, L, T>, W, group_bytes, 0,
-                                       loss_shape);  // its grid: one block per 256 tokens
+      shape_status = detail::shape_for(detail::loss_partials_kernel<Est, L, T>, 256, W, group_bytes,
+                                       0, loss_shape);  // its grid: one block per 256 tokens
   });
   ROUTEGRAD_RETURN_IF_ERROR(shape_status);
 
@@ -415,17 +416,16 @@ status run_backward(const routing_options& opt, device_view<TL, 2> logits,
       detail::check_device_pointer(grad_logits.data_handle(), "grad_logits: not device memory"));
   if (rows == 0) return status::ok();
 
-  // Shared memory per token group: the staged row (+ jitter) and the gradient row.
   const detail::lanes_shape lanes = detail::lanes_for(rows, cols, /*backward=*/true, Est::noisy);
-  const std::size_t group_bytes =
-      detail::group_bytes<M>(cols, detail::shared_rows<Est, M>(true), lanes.width);
   detail::launch_shape shape{};
   status shape_status = status::ok();
   detail::dispatch_shape</*Backward=*/true>(lanes, [&](auto policy) {
     using L = decltype(policy);
-    shape_status =
-        detail::shape_for(detail::backward_kernel<Est, L, T, std::remove_const_t<GG>, GL>, L::width,
-                          group_bytes, rows, shape);
+    const std::size_t group_bytes =
+        detail::group_bytes<M>(cols, detail::backward_shared_rows<Est, L, M>(), L::width);
+    shape_status = detail::shape_for(
+        detail::backward_kernel<Est, L, T, std::remove_const_t<GG>, GL>,
+        detail::backward_bounds<Est, L, M>().threads, L::width, group_bytes, rows, shape);
   });
   ROUTEGRAD_RETURN_IF_ERROR(shape_status);
 

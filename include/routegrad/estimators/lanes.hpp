@@ -52,6 +52,14 @@ struct serial_lanes {
   ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE void each(int n, F&& f) const {
     for (int i = 0; i < n; ++i) f(i);
   }
+  /// Bit s set when pred(i) holds for this lane's element i of step s, for rows of at most 32
+  /// steps (here: elements).
+  template <class P>
+  ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE unsigned step_bits(int n, P&& pred) const {
+    unsigned bits = 0u;
+    for (int i = 0; i < n; ++i) bits |= pred(i) ? 1u << i : 0u;
+    return bits;
+  }
   /// How many steps of count() elements cover a row of n (an upper bound is allowed).
   ROUTEGRAD_HD static constexpr int steps(int n) { return n; }
   /// Words of a row's element set in index order (row_math.hpp positive_elements): none, rows

@@ -42,12 +42,13 @@ struct slot_view {
   M pi_chosen;  // π_{D_j}, 0 when D_j is not a candidate of slot j
 };
 
-/// For per-slot softmaxes it also refills `weights` with slot j's candidate weights and `live`
-/// with their positive elements (when candidate_weights keeps them).
-template <class Est, class M, class Lanes, class Row, class Slots>
+/// For per-slot softmaxes it also refills `weights` with slot j's candidate weights (unless it is
+/// nullptr: see token_backward) and `live` with their positive elements (when candidate_weights
+/// keeps them).
+template <class Est, class M, class Lanes, class Row, class Slots, class Weights>
 ROUTEGRAD_HD slot_view<M> recompute_slot(const Lanes& lanes, const Row& row, const Slots& slots,
                                          slot_softmax<M> shared, M row_max, M two_eps, int j,
-                                         M* weights, positive_elements<Lanes>* live) {
+                                         Weights weights, positive_elements<Lanes>* live) {
   const int d = static_cast<int>(slots.expert(j));
   if constexpr (Est::per_slot_softmax) {
     return with_taken(lanes, slots, j, row.size(), [&](const auto& taken) -> slot_view<M> {
@@ -66,17 +67,23 @@ ROUTEGRAD_HD slot_view<M> recompute_slot(const Lanes& lanes, const Row& row, con
 
 /// Writes token t's logit gradient into `grad` (every element) and returns true; returns false,
 /// having written nothing, for a row the forward could not route (SPEC §7: its gradient is 0).
-/// `weights` is E elements of scratch (lane-owned).
-template <class Est, class M, class Lanes, class Row, class Slots, class Grad, class Fraction>
+/// `weights` is E elements of scratch (lane-owned), or `nullptr` (std::nullptr_t) where
+/// candidate_weights surely takes its sparse form: the Jacobian then recomputes the few weights it
+/// reads, as candidate_weights computed them (bitwise the same).
+template <class Est, class M, class Lanes, class Row, class Slots, class Grad, class Fraction,
+          class Weights>
 ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots& slots, Grad& grad,
-                                 M* weights, const token_params<M>& p,
+                                 Weights weights, const token_params<M>& p,
                                  const aux_gradient<M, Fraction>& aux) {
+  constexpr bool stored = !std::is_null_pointer_v<Weights>;
   const row_peak<M> peak = peak_of_row<M>(lanes, row);  // the backward needs no argmax
   if (!peak.routable) return false;
   const M two_eps = M(2) * p.jitter_eps;
   slot_softmax<M> shared{peak.max, M(1)};
-  if constexpr (!Est::per_slot_softmax)
+  if constexpr (!Est::per_slot_softmax) {
+    static_assert(stored, "the dense form's weights need a row");
     shared.norm = candidate_weights(lanes, row, peak.max, any_expert{}, weights);
+  }
   using view_t = slot_view<M>;
   // Where candidate_weights takes its sparse form (SparseMixer's slots on long rows), the weights
   // of the positive candidates alone are written and the Jacobian below visits them alone (the
@@ -118,7 +125,12 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
     const int d = static_cast<int>(slots.expert(j));
     const M coef_over_norm = coef / v.sm.norm;  // J_D(i) = π_D (δ_iD − w_i / norm)
     const auto jacobian = [&](int i) {
-      return (i == d ? coef : M(0)) - coef_over_norm * weights[i];
+      M w;
+      if constexpr (stored)
+        w = weights[i];
+      else
+        w = math::exp_fast(row.logit(i) - v.sm.max);  // (sparse: i is a candidate)
+      return (i == d ? coef : M(0)) - coef_over_norm * w;
     };
     if (sparse) {
       if (!written) lanes.each(row.size(), [&](int i) { grad.set(i, M(0)); });
@@ -129,10 +141,11 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
       });
       // π_D > 0 with an underflowed exp_fast weight (a subnormal π_D): the dense form's δ term.
       if (!saw_chosen && d % lanes.count() == lanes.lane()) grad.add(d, coef);
-    } else if (written) {
-      lanes.each(row.size(), [&](int i) { grad.add(i, jacobian(i)); });
-    } else {
-      lanes.each(row.size(), [&](int i) { grad.set(i, jacobian(i)); });
+    } else if constexpr (stored) {  // (without a row of weights, the caller promised `sparse`)
+      if (written)
+        lanes.each(row.size(), [&](int i) { grad.add(i, jacobian(i)); });
+      else
+        lanes.each(row.size(), [&](int i) { grad.set(i, jacobian(i)); });
     }
     written = true;
   }
