@@ -125,12 +125,10 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
     const int d = static_cast<int>(slots.expert(j));
     const M coef_over_norm = coef / v.sm.norm;  // J_D(i) = π_D (δ_iD − w_i / norm)
     const auto jacobian = [&](int i) {
-      M w;
       if constexpr (stored)
-        w = weights[i];
-      else
-        w = math::exp_fast(row.logit(i) - v.sm.max);  // (sparse: i is a candidate)
-      return (i == d ? coef : M(0)) - coef_over_norm * w;
+        return (i == d ? coef : M(0)) - coef_over_norm * weights[i];
+      else  // (sparse: i is a candidate)
+        return (i == d ? coef : M(0)) - coef_over_norm * math::exp_fast(row.logit(i) - v.sm.max);
     };
     if (sparse) {
       if (!written) lanes.each(row.size(), [&](int i) { grad.set(i, M(0)); });
