@@ -73,6 +73,20 @@ struct launch_bounds {
   int threads;
   int blocks;
 };
+/// The blocks of `b` a multiprocessor of the architecture being compiled can hold (threads per
+/// multiprocessor: 1024 on sm_75, 1536 on sm_86/87/89, 2048 on the others): ptxas rejects a
+/// minimum it cannot reach (on sm_75, 9 blocks of 128; the cap is then the register bound 64).
+__host__ __device__ constexpr int resident_blocks(launch_bounds b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 750
+  constexpr int max_threads = 1024;
+#elif defined(__CUDA_ARCH__) && \
+    (__CUDA_ARCH__ == 860 || __CUDA_ARCH__ == 870 || __CUDA_ARCH__ == 890)
+  constexpr int max_threads = 1536;
+#else
+  constexpr int max_threads = 2048;
+#endif
+  return b.blocks * b.threads <= max_threads ? b.blocks : max_threads / b.threads;
+}
 /// The forward at 4 lanes × 16 or 32 (E = 33 … 128 at large T): 128 × 9 (56 registers; 36 warps
 /// per multiprocessor instead of 32). H200, T = 131072, 2026-11-30 15:23 UTC: midpoint E = 128
 /// fp32 33.4–33.5 → 31.3 µs, bf16 31.0–31.5 → 28.7–28.9, E = 64 23.2 → 21.8–22.0 (with 8 bytes
@@ -124,7 +138,8 @@ __device__ token_params<M> params_of(const routing_options& opt) {
 }
 
 template <class Est, class Lanes, class T, class G>
-__global__ void __launch_bounds__(forward_bounds<Lanes>().threads, forward_bounds<Lanes>().blocks)
+__global__ void __launch_bounds__(forward_bounds<Lanes>().threads,
+                                  resident_blocks(forward_bounds<Lanes>()))
     forward_kernel(const forward_args<T, G> a) {
   wait_for_prior_grids();  // launched as a dependent launch (dependent_launch.cuh)
   using M = math_t<T>;
@@ -192,7 +207,7 @@ struct backward_args {
 
 template <class Est, class Lanes, class T, class GG, class GL>
 __global__ void __launch_bounds__(backward_bounds<Est, Lanes, math_t<T>>().threads,
-                                  backward_bounds<Est, Lanes, math_t<T>>().blocks)
+                                  resident_blocks(backward_bounds<Est, Lanes, math_t<T>>()))
     backward_kernel(const backward_args<T, GG, GL> a) {
   wait_for_prior_grids();  // launched as a dependent launch (dependent_launch.cuh)
   using M = math_t<T>;
