@@ -60,16 +60,16 @@ __device__ void load_row_pieces(const Lanes& lanes, const T* src, int n, M* dst,
   for (int c = lanes.lane(); c < n / per_piece; c += lanes_n) move(c);
 }
 
-/// dst[i] = from_math(src[i]) (plus dst[i]'s old value when `accumulate`) for a contiguous row
-/// (row_in_pieces), in 16-byte pieces of the destination. Reads elements other lanes wrote: the
+/// dst[i] = from_math(src[i]) (plus dst[i]'s old value with `Accumulate`) for a contiguous row
+/// (row_in_pieces), in 16-byte pieces of the destination; full rows of a bounded lanes policy
+/// with a compile-time piece count, as load_row_pieces. Reads elements other lanes wrote: the
 /// caller synchronises the group first.
-template <class Lanes, class T, class M>
-__device__ void store_row_pieces(const Lanes& lanes, const M* src, int n, T* dst, bool accumulate) {
+template <bool Accumulate, class Lanes, class T, class M>
+__device__ void store_pieces(const Lanes& lanes, const M* src, int n, T* dst) {
   static_assert(sizeof(T) <= sizeof(M), "a piece of T must come from whole 16-byte loads of M");
   constexpr int per_piece = 16 / static_cast<int>(sizeof(T));
   constexpr int loads = per_piece * static_cast<int>(sizeof(M)) / 16;
-#pragma unroll 4
-  for (int c = lanes.lane(); c < n / per_piece; c += lanes.count()) {
+  const auto move = [&](int c) {
     const uint4* from = reinterpret_cast<const uint4*>(src + c * per_piece);
     uint4 words[loads];
 #pragma unroll
@@ -77,19 +77,44 @@ __device__ void store_row_pieces(const Lanes& lanes, const M* src, int n, T* dst
     M in[per_piece];
     memcpy(in, words, sizeof(words));
     uint4* to = reinterpret_cast<uint4*>(dst) + c;
-    T old[per_piece];
-    if (accumulate) {
-      const uint4 raw = *to;
-      memcpy(old, &raw, sizeof(raw));
-    }
     T out[per_piece];
+    if constexpr (Accumulate) {
+      const uint4 raw = *to;
+      T old[per_piece];
+      memcpy(old, &raw, sizeof(raw));
 #pragma unroll
-    for (int v = 0; v < per_piece; ++v)
-      out[v] = from_math<T>(accumulate ? to_math<M>(old[v]) + in[v] : in[v]);
+      for (int v = 0; v < per_piece; ++v) out[v] = from_math<T>(to_math<M>(old[v]) + in[v]);
+    } else {
+#pragma unroll
+      for (int v = 0; v < per_piece; ++v) out[v] = from_math<T>(in[v]);
+    }
     uint4 raw;
     memcpy(&raw, out, sizeof(raw));
     *to = raw;
+  };
+  if constexpr (Accumulate) {
+#pragma unroll 1
+    for (int c = lanes.lane(); c < n / per_piece; c += lanes.count()) move(c);
+  } else {
+#pragma unroll 4
+    for (int c = lanes.lane(); c < n / per_piece; c += lanes.count()) move(c);
   }
+}
+
+/// store_pieces with the accumulation chosen at run time: two loops, as a run-time flag inside
+/// one kept the loads and adds of the old values in the overwriting loop as predicated-off
+/// instructions (H200, E = 128 backward: 32 of its 815 instructions per warp).
+template <class Lanes, class T, class M>
+__device__ __noinline__ void store_pieces_accumulating(const Lanes& lanes, const M* src, int n,
+                                                       T* dst) {
+  store_pieces<true>(lanes, src, n, dst);
+}
+template <class Lanes, class T, class M>
+__device__ void store_row_pieces(const Lanes& lanes, const M* src, int n, T* dst, bool accumulate) {
+  if (accumulate)
+    store_pieces_accumulating(lanes, src, n, dst);
+  else
+    store_pieces<false>(lanes, src, n, dst);
 }
 
 /// Stages row t of the logits (and Switch's jitter when `noise_eps` != 0) into the group's

@@ -87,23 +87,32 @@ __host__ __device__ constexpr int resident_blocks(launch_bounds b) {
 #endif
   return b.blocks * b.threads <= max_threads ? b.blocks : max_threads / b.threads;
 }
-/// The forward at 4 lanes × 16 or 32 (E = 33 … 128 at large T): 128 × 9 (56 registers; 36 warps
-/// per multiprocessor instead of 32). H200, T = 131072, 2026-11-30 15:23 UTC: midpoint E = 128
-/// fp32 33.4–33.5 → 31.3 µs, bf16 31.0–31.5 → 28.7–28.9, E = 64 23.2 → 21.8–22.0 (with 8 bytes
-/// spilled), heun3 top-2 E = 128 54.7–54.9 → 51.8–52.0; 48 registers (128 × 10) was 0.2–1 µs
-/// faster still but spilled at E = 128 as well. Other shapes spill up to 52 bytes at 56 registers.
+/// The forward at 4 lanes × 16 or 32 (E = 33 … 128 at large T): 128 × 10 (48 registers; 40 warps
+/// per multiprocessor instead of 32). H200, T = 131072: at 56 registers (128 × 9; 2026-11-30 15:23
+/// UTC) midpoint E = 128 fp32 33.4–33.5 → 31.3 µs, bf16 31.0–31.5 → 28.7–28.9, E = 64 23.2 →
+/// 21.8–22.0, heun3 top-2 E = 128 54.7–54.9 → 51.8–52.0; 48 registers spilled then, and no longer
+/// once the kernels' Philox block lost its adds of zero (mulhilo32): 18:42 UTC, 56 → 48 registers,
+/// midpoint E = 128 fp32 30.98 → 29.92–30.05, bf16 28.16–28.77 → 27.36–27.68, euler 30.4–30.6 →
+/// 29.4–29.5, heun3 top-2 fp32 51.7–51.8 → 50.9–51.2, Switch E = 64 28.0–28.7 → 27.0–27.5, top-k
+/// E = 64 15.4 → 15.6–15.7 (its only loss). Other shapes spill at 56 registers or fewer.
 template <class Lanes>
 __host__ __device__ constexpr launch_bounds forward_bounds() {
-  return Lanes::width == 4 && Lanes::per_lane >= 16 ? launch_bounds{128, 9} : launch_bounds{256, 4};
+  return Lanes::width == 4 && Lanes::per_lane >= 16 ? launch_bounds{128, 10}
+                                                    : launch_bounds{256, 4};
 }
-/// The backward at 8 lanes × 16 (E = 65 … 128) where it keeps no weights row (SparseMixer): 128 ×
-/// 9 (56 registers; bf16 spills 4–8 bytes), with shared memory for 9 blocks. 15:27 UTC: midpoint
-/// fp32 43.4–43.5 → 41.4–41.6 µs, bf16 45.7–45.8 → 43.0–43.1, heun3 top-2 fp32 63.5 → 61.7,
-/// bf16 70.0–70.2 → 68.6–68.8. Not elsewhere: Switch's and top-k's backward (they keep the weights
-/// row) 80.6–80.9 → 90.2–90.4 and 44.0–44.2 → 51.3–51.7; midpoint's 4 × 16 (E = 64) 27.2 → 27.7.
+/// The backward at 8 or 4 lanes × 16 (E = 33 … 128 at large T) where it keeps no weights row
+/// (SparseMixer): 128 × 9 (56 registers), with shared memory for 9 blocks. H200, T = 131072: 8 × 16
+/// (15:27 UTC) midpoint fp32 43.4–43.5 → 41.4–41.6 µs, bf16 45.7–45.8 → 43.0–43.1, heun3 top-2
+/// fp32 63.5 → 61.7, bf16 70.0–70.2 → 68.6–68.8; 4 × 16 (19:07 UTC; it had run 27.2 → 27.7
+/// before the backward's per-token set-up moved to the host) midpoint fp32 26.9 → 24.9–25.1,
+/// bf16 22.6 → 21.6 (with 8–16 bytes spilled), heun3 top-2 37.9 → 36.3. Not elsewhere: Switch's
+/// and top-k's backward (they keep the weights row) 80.6–80.9 → 90.2–90.4 and 44.0–44.2 →
+/// 51.3–51.7; 48 registers (128 × 10) at 8 × 16 (18:42 UTC: midpoint fp32 39.7 → 44.0 µs, bf16
+/// 37.2 → 38.6, heun3 top-2 59.8 → 61.5).
 template <class Est, class Lanes, class M>
 __host__ __device__ constexpr launch_bounds backward_bounds() {
-  return Lanes::width == 8 && Lanes::per_lane == 16 && !keeps_weights_row<Est, Lanes, M>()
+  return (Lanes::width == 8 || Lanes::width == 4) && Lanes::per_lane == 16 &&
+                 !keeps_weights_row<Est, Lanes, M>()
              ? launch_bounds{128, 9}
              : launch_bounds{256, 4};
 }
@@ -119,11 +128,29 @@ __host__ __device__ constexpr index_t group_stride(index_t cols, int rows_per_gr
   return used + ((want - used % per_bank_cycle) % per_bank_cycle + per_bank_cycle) % per_bank_cycle;
 }
 
-/// This group's slice of the dynamic shared memory.
+/// This group's slice of the dynamic shared memory, `stride` (group_stride) elements per group.
+/// The routing kernels take the stride from the host, computed once per launch: each of their
+/// warps routes one token group, so whatever a kernel computes ahead of the row's loads is paid
+/// per token and delays those loads (H200, E = 128: the backward ran 185 of its 815 instructions
+/// per warp before them).
 template <class M, int Width>
-__device__ M* group_shared(unsigned char* base, int cols, int rows_per_group) {
-  return reinterpret_cast<M*>(base) +
-         (threadIdx.x / Width) * group_stride<M>(cols, rows_per_group, Width);
+__device__ M* group_shared(unsigned char* base, int stride) {
+  return reinterpret_cast<M*>(base) + static_cast<int>(threadIdx.x / Width) * stride;
+}
+
+/// The auxiliary-loss gradient's factors (aux_gradient) for a batch: α·E/T, 2β/T and 1/(T·k),
+/// computed on the host with the same operations the kernel ran (bitwise the same values).
+template <class M>
+struct aux_scales {
+  M load_balance, z_loss, inv_pairs;
+};
+template <class M>
+__host__ __device__ aux_scales<M> aux_scales_of(const routing_options& opt, index_t rows,
+                                                index_t cols) {
+  const M inv_rows = M(1) / static_cast<M>(rows);
+  return {static_cast<M>(opt.load_balance_coef) * static_cast<M>(cols) * inv_rows,
+          M(2) * static_cast<M>(opt.z_loss_coef) * inv_rows,
+          M(1) / (static_cast<M>(rows) * static_cast<M>(opt.k))};
 }
 
 template <class Est, class M>
@@ -152,7 +179,10 @@ __global__ void __launch_bounds__(forward_bounds<Lanes>().threads,
   const rng_stream rng = rng_with_counter(a.rng, a.offset_counter);
   const int n = static_cast<int>(a.cols);
   constexpr int rows_per_group = forward_shared_rows<Est, Lanes, M>();
-  M* values = group_shared<M, Width>(shared_bytes, n, rows_per_group);
+  // (The forward computes its group stride itself: taken from the host, as the backward's, it
+  // had ptxas rematerialise the row pointer from threadIdx in a dozen places, 0.2–0.7 µs slower.)
+  M* values = group_shared<M, Width>(shared_bytes,
+                                     static_cast<int>(group_stride<M>(n, rows_per_group, Width)));
   const M noise_eps = noise_eps_of<Est, M>(a.opt);
   for (index_t t = blockIdx.x * groups + threadIdx.x / Width; t < a.rows; t += stride) {
     const auto row = stage_row<Est::noisy>(lanes, a.logits + t * a.logit_stride0, a.logit_stride1,
@@ -203,6 +233,8 @@ struct backward_args {
   rng_stream rng;
   const std::uint64_t* offset_counter;  // state.offset_counter, may be null
   const std::int64_t* counts;
+  int group_stride;  // shared-memory elements per token group (group_stride<M>)
+  aux_scales<math_t<T>> aux;
 };
 
 template <class Est, class Lanes, class T, class GG, class GL>
@@ -218,17 +250,15 @@ __global__ void __launch_bounds__(backward_bounds<Est, Lanes, math_t<T>>().threa
   const index_t stride = static_cast<index_t>(gridDim.x) * groups;
   const int n = static_cast<int>(a.cols);
   constexpr int rows_per_group = backward_shared_rows<Est, Lanes, M>();
-  M* values = group_shared<M, Width>(shared_bytes, n, rows_per_group);
+  M* values = group_shared<M, Width>(shared_bytes, a.group_stride);
   M* scratch = values + (rows_per_group - 1) * n;  // the gradient row
   const M noise_eps = noise_eps_of<Est, M>(a.opt);
   const token_params<M> params = params_of<M>(a.opt);
   const rng_stream rng = rng_with_counter(a.rng, a.offset_counter);
-  const M inv_rows = M(1) / static_cast<M>(a.rows);
   const aux_gradient<M, device_count_fraction<M>> aux{
-      static_cast<M>(a.opt.load_balance_coef) * static_cast<M>(a.cols) * inv_rows,
-      M(2) * static_cast<M>(a.opt.z_loss_coef) * inv_rows,
-      {a.opt.load_balance_coef != 0.0 ? a.counts : nullptr,
-       M(1) / (static_cast<M>(a.rows) * static_cast<M>(a.opt.k))}};
+      a.aux.load_balance,
+      a.aux.z_loss,
+      {a.opt.load_balance_coef != 0.0 ? a.counts : nullptr, a.aux.inv_pairs}};
   for (index_t t = blockIdx.x * groups + threadIdx.x / Width; t < a.rows; t += stride) {
     // The slots first: their loads are then in flight with the row's (stage_row ends with a
     // __syncwarp, above which no later load moves), not after it (H200, T = 131072, midpoint: E =
@@ -312,7 +342,9 @@ __global__ void __launch_bounds__(256)
   const index_t count = rows - first < stats_block_tokens ? rows - first : stats_block_tokens;
   const index_t groups = blockDim.x / Width;
   const int n = static_cast<int>(cols);
-  M* values = group_shared<M, Width>(shared_bytes, n, forward_shared_rows<Est, Lanes, M>());
+  M* values = group_shared<M, Width>(
+      shared_bytes,
+      static_cast<int>(group_stride<M>(n, forward_shared_rows<Est, Lanes, M>(), Width)));
   const M noise_eps = noise_eps_of<Est, M>(opt);
   const rng_stream rng = rng_with_counter(stream, offset_counter);
   for (index_t r = threadIdx.x / Width; r < count; r += groups) {

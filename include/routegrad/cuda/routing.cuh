@@ -429,31 +429,36 @@ status run_backward(const routing_options& opt, device_view<TL, 2> logits,
   });
   ROUTEGRAD_RETURN_IF_ERROR(shape_status);
 
-  const detail::backward_args<T, std::remove_const_t<GG>, GL> a{logits.data_handle(),
-                                                                rows,
-                                                                cols,
-                                                                logits.stride(0),
-                                                                logits.stride(1),
-                                                                state.experts.data_handle(),
-                                                                state.experts.stride(0),
-                                                                state.experts.stride(1),
-                                                                state.coins.data_handle(),
-                                                                state.coins.stride(0),
-                                                                state.coins.stride(1),
-                                                                grad_gates.data_handle(),
-                                                                grad_gates.stride(0),
-                                                                grad_gates.stride(1),
-                                                                grad_logits.data_handle(),
-                                                                grad_logits.stride(0),
-                                                                grad_logits.stride(1),
-                                                                mode == grad_mode::accumulate,
-                                                                opt,
-                                                                state.rng,
-                                                                state.offset_counter,
-                                                                stats.expert_counts};
+  detail::backward_args<T, std::remove_const_t<GG>, GL> a{
+      logits.data_handle(),
+      rows,
+      cols,
+      logits.stride(0),
+      logits.stride(1),
+      state.experts.data_handle(),
+      state.experts.stride(0),
+      state.experts.stride(1),
+      state.coins.data_handle(),
+      state.coins.stride(0),
+      state.coins.stride(1),
+      grad_gates.data_handle(),
+      grad_gates.stride(0),
+      grad_gates.stride(1),
+      grad_logits.data_handle(),
+      grad_logits.stride(0),
+      grad_logits.stride(1),
+      mode == grad_mode::accumulate,
+      opt,
+      state.rng,
+      state.offset_counter,
+      stats.expert_counts,
+      0,  // group_stride: per launch shape, below
+      detail::aux_scales_of<M>(opt, rows, cols)};
   status launched = status::ok();
   detail::dispatch_shape</*Backward=*/true>(lanes, [&](auto policy) {
     using L = decltype(policy);
+    a.group_stride = static_cast<int>(
+        detail::group_stride<M>(cols, detail::backward_shared_rows<Est, L, M>(), L::width));
     launched = detail::launch_dependent(
         detail::backward_kernel<Est, L, T, std::remove_const_t<GG>, GL>, shape.blocks,
         shape.threads, shape.shared, exec.stream, "backward kernel launch", a);
