@@ -61,9 +61,9 @@ __device__ void load_row_pieces(const Lanes& lanes, const T* src, int n, M* dst,
 }
 
 /// dst[i] = from_math(src[i]) (plus dst[i]'s old value with `Accumulate`) for a contiguous row
-/// (row_in_pieces), in 16-byte pieces of the destination; full rows of a bounded lanes policy
-/// with a compile-time piece count, as load_row_pieces. Reads elements other lanes wrote: the
-/// caller synchronises the group first.
+/// (row_in_pieces), in 16-byte pieces of the destination. Reads elements other lanes wrote: the
+/// caller synchronises the group first. (A compile-time piece count for full rows, as in
+/// load_row_pieces, measured slower here: H200, 2026-11-30 18:50 UTC, docs/performance.md run 11.)
 template <bool Accumulate, class Lanes, class T, class M>
 __device__ void store_pieces(const Lanes& lanes, const M* src, int n, T* dst) {
   static_assert(sizeof(T) <= sizeof(M), "a piece of T must come from whole 16-byte loads of M");

@@ -129,10 +129,10 @@ __host__ __device__ constexpr index_t group_stride(index_t cols, int rows_per_gr
 }
 
 /// This group's slice of the dynamic shared memory, `stride` (group_stride) elements per group.
-/// The routing kernels take the stride from the host, computed once per launch: each of their
-/// warps routes one token group, so whatever a kernel computes ahead of the row's loads is paid
-/// per token and delays those loads (H200, E = 128: the backward ran 185 of its 815 instructions
-/// per warp before them).
+/// The backward takes the stride from the host, computed once per launch (the forward computes
+/// it, see there): each warp of the routing kernels routes about one token group, so whatever a
+/// kernel computes ahead of the row's loads is paid per token and delays those loads (H200, E =
+/// 128: the backward ran 185 of its 815 instructions per warp before them).
 template <class M, int Width>
 __device__ M* group_shared(unsigned char* base, int stride) {
   return reinterpret_cast<M*>(base) + static_cast<int>(threadIdx.x / Width) * stride;
