@@ -418,18 +418,20 @@ status run_backward(const routing_options& opt, device_view<TL, 2> logits,
 
   const detail::lanes_shape lanes = detail::lanes_for(rows, cols, /*backward=*/true, Est::noisy);
   detail::launch_shape shape{};
+  int group_stride = 0;  // shared-memory elements per token group, passed to the kernel
   status shape_status = status::ok();
   detail::dispatch_shape</*Backward=*/true>(lanes, [&](auto policy) {
     using L = decltype(policy);
-    const std::size_t group_bytes =
-        detail::group_bytes<M>(cols, detail::backward_shared_rows<Est, L, M>(), L::width);
-    shape_status = detail::shape_for(
-        detail::backward_kernel<Est, L, T, std::remove_const_t<GG>, GL>,
-        detail::backward_bounds<Est, L, M>().threads, L::width, group_bytes, rows, shape);
+    group_stride = static_cast<int>(
+        detail::group_stride<M>(cols, detail::backward_shared_rows<Est, L, M>(), L::width));
+    shape_status =
+        detail::shape_for(detail::backward_kernel<Est, L, T, std::remove_const_t<GG>, GL>,
+                          detail::backward_bounds<Est, L, M>().threads, L::width,
+                          static_cast<std::size_t>(group_stride) * sizeof(M), rows, shape);
   });
   ROUTEGRAD_RETURN_IF_ERROR(shape_status);
 
-  detail::backward_args<T, std::remove_const_t<GG>, GL> a{
+  const detail::backward_args<T, std::remove_const_t<GG>, GL> a{
       logits.data_handle(),
       rows,
       cols,
@@ -452,13 +454,11 @@ status run_backward(const routing_options& opt, device_view<TL, 2> logits,
       state.rng,
       state.offset_counter,
       stats.expert_counts,
-      0,  // group_stride: per launch shape, below
+      group_stride,
       detail::aux_scales_of<M>(opt, rows, cols)};
   status launched = status::ok();
   detail::dispatch_shape</*Backward=*/true>(lanes, [&](auto policy) {
     using L = decltype(policy);
-    a.group_stride = static_cast<int>(
-        detail::group_stride<M>(cols, detail::backward_shared_rows<Est, L, M>(), L::width));
     launched = detail::launch_dependent(
         detail::backward_kernel<Est, L, T, std::remove_const_t<GG>, GL>, shape.blocks,
         shape.threads, shape.shared, exec.stream, "backward kernel launch", a);
