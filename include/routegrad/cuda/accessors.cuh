@@ -149,6 +149,16 @@ __device__ staged_row<M, Noisy, true> stage_row(const Lanes& lanes, const T* src
   return {values, n, Noisy && noise_eps != M(0) ? noise : nullptr, lane_max};
 }
 
+/// base[j · stride]: a slot past those kept in registers, read out of line by the backward.
+/// Inline, nvcc predicated its address arithmetic and load instead of branching around them, so
+/// every slot access paid them, predicated off (H200, Nsight Compute, T = 131072, E = 128: 27 of
+/// the SparseMixer bf16 backward's 769 instructions per warp at k = 1, 54 of heun3's 1341 at
+/// k = 2). Not in the forward, where they were 2–3% and the call made 48-register shapes spill.
+template <class V>
+__device__ __noinline__ V load_slot_past_registers(const V* base, index_t j, index_t stride) {
+  return base[j * stride];
+}
+
 /// Forward slots: every lane keeps the first KMax choices in registers (they are read back by the
 /// later slots); the group's first lane writes the caller's buffers. Slots past KMax are read back
 /// from global memory after a __syncwarp.
@@ -247,13 +257,15 @@ struct device_backward_slots {
     return v;
   }
   __device__ index_t expert(int j) const {
-    return j < KMax ? pick(kept_expert, j) : experts[j * expert_stride];
+    return j < KMax ? pick(kept_expert, j) : load_slot_past_registers(experts, j, expert_stride);
   }
   __device__ int coin(int j) const {
-    return j < KMax ? pick(kept_coin, j) : (coins ? coins[j * coin_stride] : 0);
+    return j < KMax ? pick(kept_coin, j)
+                    : (coins ? load_slot_past_registers(coins, j, coin_stride) : 0);
   }
   __device__ M grad_gate(int j) const {
-    return j < KMax ? pick(kept_grad, j) : to_math<M>(grad_gates[j * grad_stride]);
+    return j < KMax ? pick(kept_grad, j)
+                    : to_math<M>(load_slot_past_registers(grad_gates, j, grad_stride));
   }
 };
 

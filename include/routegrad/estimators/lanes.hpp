@@ -52,6 +52,12 @@ struct serial_lanes {
   ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE void each(int n, F&& f) const {
     for (int i = 0; i < n; ++i) f(i);
   }
+  /// each() for a body that keeps nothing in registers (a store of a constant): lanes that unroll
+  /// their loops partly to save registers may unroll this one completely.
+  template <class F>
+  ROUTEGRAD_HD ROUTEGRAD_FORCEINLINE void each_light(int n, F&& f) const {
+    each(n, static_cast<F&&>(f));
+  }
   /// Bit s set when pred(i) holds for this lane's element i of step s, for rows of at most 32
   /// steps (here: elements).
   template <class P>

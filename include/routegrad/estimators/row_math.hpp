@@ -291,11 +291,12 @@ ROUTEGRAD_HD M candidate_weights(const Lanes& lanes, const Row& row, M m, Includ
       // One comparison per element: the candidates and the few elements quick() cannot decide
       // (those are in the marked set, so asking the marked ones alone finds every unsure element).
       if (!unsure) {
-        const auto maybe = [&](int i) { return include.maybe(i, row.logit(i)); };
+        const auto maybe = [&](int i) { return include.maybe_kept(row.logit(i)); };
         if constexpr (found_t::indexed)
           lanes.each(n, [&](int i) { mark(i, maybe(i)); });  // (constant bit positions)
         else
           found.word[0] = lanes.step_bits(n, maybe);
+        include.drop_taken(found);
         weigh(true);
       }
       if (unsure) {  // this lane's elements again, exactly (rarely: about one row in a thousand;

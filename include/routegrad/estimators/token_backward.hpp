@@ -131,7 +131,7 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
         return (i == d ? coef : M(0)) - coef_over_norm * math::exp_fast(row.logit(i) - v.sm.max);
     };
     if (sparse) {
-      if (!written) lanes.each(row.size(), [&](int i) { grad.set(i, M(0)); });
+      if (!written) lanes.each_light(row.size(), [&](int i) { grad.set(i, M(0)); });
       bool saw_chosen = false;
       live.each_own(lanes, [&](int i, int, int) {
         grad.add(i, jacobian(i));
@@ -147,7 +147,7 @@ ROUTEGRAD_HD bool token_backward(const Lanes& lanes, const Row& row, const Slots
     }
     written = true;
   }
-  if (!written) lanes.each(row.size(), [&](int i) { grad.set(i, M(0)); });
+  if (!written) lanes.each_light(row.size(), [&](int i) { grad.set(i, M(0)); });
   if constexpr (Est::noisy) lanes.each(row.size(), [&](int i) { grad.scale(i, row.chain(i)); });
 
   if (aux.load_balance_scale != M(0) || aux.z_loss_scale != M(0)) {
