@@ -140,11 +140,12 @@ struct warp_lanes {
   __device__ __forceinline__ unsigned step_bits(int n, P&& pred) const {
     unsigned bits = 0u;
     if constexpr (PerLane > 0) {
-      // The bits of steps first .. first + Unroll − 1; `bounded` tests each element against n.
-      const auto run = [&](int first, auto bounded) {
+      // The bits of steps first .. first + Run − 1; `bounded` tests each element against n.
+      const auto run = [&](int first, auto length, auto bounded) {
+        constexpr int Run = decltype(length)::value;
         unsigned r = 0u;
 #pragma unroll
-        for (int s = 0; s < Unroll; ++s) {
+        for (int s = 0; s < Run; ++s) {
           const int i = lane_id + (first + s) * Width;
           if (!decltype(bounded)::value || i < n) r |= pred(i) ? 1u << s : 0u;
         }
@@ -156,16 +157,12 @@ struct warp_lanes {
         // SparseMixer backward's 8 × 16 by 4: 9 of every 22 instructions of its marking pass).
         constexpr int by = Unroll < 8 && PerLane % 8 == 0 ? 8 : Unroll;
 #pragma unroll 1
-        for (int first = 0; first < PerLane; first += by) {
-          unsigned r = 0u;
-#pragma unroll
-          for (int s = 0; s < by; ++s) r |= pred(lane_id + (first + s) * Width) ? 1u << s : 0u;
-          bits |= r << first;
-        }
+        for (int first = 0; first < PerLane; first += by)
+          bits |= run(first, std::integral_constant<int, by>{}, std::false_type{}) << first;
       } else {
 #pragma unroll 1
         for (int first = 0; first < PerLane; first += Unroll)
-          bits |= run(first, std::true_type{}) << first;
+          bits |= run(first, std::integral_constant<int, Unroll>{}, std::true_type{}) << first;
       }
     } else {
       int s = 0;
