@@ -181,6 +181,7 @@ void sizes(benchmark::internal::Benchmark* b) {
                   {131072, 32},
                   {32768, 64},
                   {131072, 64},
+                  {32768, 128},
                   {131072, 128}})
     b->Args({te.first, te.second, 1});
 }
@@ -191,6 +192,7 @@ void sizes_top2(benchmark::internal::Benchmark* b) {  // 16 experts top-2: PhiMo
                   {131072, 16},
                   {32768, 64},
                   {131072, 64},
+                  {32768, 128},
                   {131072, 128}})
     b->Args({te.first, te.second, 2});
 }
@@ -213,6 +215,9 @@ const bool registered = [] {
   add<switch_router, float>("switch/fp32/graph", phase::graph, sizes);
   add<switch_router, __nv_bfloat16>("switch/bf16/fwd+bwd", phase::both, sizes);
   add<sparsemixer_midpoint, __nv_bfloat16>("midpoint/bf16/fwd+bwd", phase::both, sizes);
+  add<sparsemixer_midpoint, __nv_bfloat16>("midpoint/bf16/fwd", phase::forward, sizes);
+  add<sparsemixer_midpoint, __nv_bfloat16>("midpoint/bf16/bwd", phase::backward, sizes);
+  add<sparsemixer_midpoint, __nv_bfloat16>("midpoint/bf16/graph", phase::graph, sizes);
   add<sparsemixer_heun3, float>("heun3_top2/fp32/fwd+bwd", phase::both, sizes_top2);
   add<sparsemixer_heun3, __nv_bfloat16>("heun3_top2/bf16/fwd+bwd", phase::both, sizes_top2);
   return true;

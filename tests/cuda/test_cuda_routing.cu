@@ -52,9 +52,10 @@ TEST_CASE("cuda routing fp64: sparsemixer midpoint and topk_softmax") {
   sweep<topk_softmax, double>(700, false);
 }
 TEST_CASE("cuda routing fp32: every launch shape") {
-  // lanes_for (cuda/routing.cuh) picks the lanes per token by E, T, direction and whether the
-  // estimator is noisy; each shape is its own kernel (bound checks, unrolling, shared-memory
-  // layout). One batch per shape pair, sized just past the T thresholds, estimators rotating.
+  // lanes_for (cuda/routing.cuh) picks the lanes per token by E, T, direction, the estimator and
+  // the logits' type (2-byte logits: test_cuda_routing_lowp.cu); each shape is its own kernel
+  // (bound checks, unrolling, shared-memory layout). One batch per shape pair, sized just past the
+  // T thresholds, estimators rotating.
   using cuda::detail::lanes_shape;
   enum estimator_kind { by_midpoint, by_heun3, by_switch, by_euler, by_topk };
   struct shape_case {
@@ -77,9 +78,11 @@ TEST_CASE("cuda routing fp32: every launch shape") {
   for (const shape_case& c : cases) {
     CAPTURE(c.rows);
     CAPTURE(c.cols);
-    const bool noisy = c.estimator == by_switch;
-    const lanes_shape forward = cuda::detail::lanes_for(c.rows, c.cols, false, noisy);
-    const lanes_shape backward = cuda::detail::lanes_for(c.rows, c.cols, true, noisy);
+    const cuda::detail::shape_query query{c.estimator == by_switch,
+                                          c.estimator != by_switch && c.estimator != by_topk,
+                                          static_cast<int>(sizeof(float))};
+    const lanes_shape forward = cuda::detail::lanes_for(c.rows, c.cols, false, query);
+    const lanes_shape backward = cuda::detail::lanes_for(c.rows, c.cols, true, query);
     CHECK(forward.width == c.forward.width);
     CHECK(forward.per_lane == c.forward.per_lane);
     CHECK(backward.width == c.backward.width);

@@ -1,5 +1,7 @@
 // The CUDA routing entry points with bf16 and fp16 logits and logit gradients (math in fp32,
 // gates in fp32) against the double-precision SPEC reference and the CPU back end.
+#include <utility>
+
 #include "routing_check.cuh"
 
 namespace {
@@ -20,6 +22,32 @@ void sweep(std::uint64_t seed) {
 }
 
 }  // namespace
+
+TEST_CASE_TEMPLATE("cuda routing low precision: SparseMixer's backward at 4 lanes x 32", T,
+                   __nv_bfloat16, __half) {
+  // lanes_for gives SparseMixer's backward of 2-byte logits at E = 65 ... 128 its own shape from
+  // T = 12288 on (fp32 logits and the estimators that keep a row of weights: 8 x 16).
+  using cuda::detail::lanes_for;
+  using cuda::detail::shape_query_of;
+  const auto backward_shape = [](const cuda::detail::shape_query& q, index_t rows, index_t cols) {
+    const cuda::detail::lanes_shape s = lanes_for(rows, cols, true, q);
+    return std::pair<int, int>{s.width, s.per_lane};
+  };
+  const std::pair<int, int> wide{4, 32}, narrow{8, 16};
+  CHECK(backward_shape(shape_query_of<sparsemixer_midpoint, T>(), 12289, 128) == wide);
+  CHECK(backward_shape(shape_query_of<sparsemixer_heun3, T>(), 12289, 65) == wide);
+  CHECK(backward_shape(shape_query_of<sparsemixer_midpoint, T>(), 777, 128) == narrow);
+  CHECK(backward_shape(shape_query_of<sparsemixer_midpoint, float>(), 12289, 128) == narrow);
+  CHECK(backward_shape(shape_query_of<topk_softmax, T>(), 12289, 128) == narrow);
+  CHECK(backward_shape(shape_query_of<switch_router, T>(), 12289, 128) == narrow);
+  // Full rows and rows with idle steps, strided and contiguous, k past the slots in registers.
+  check_case<sparsemixer_midpoint, T>(
+      {12289, 128, 1, true, routing_mode::train, false, 0.05, 0.002}, 61);
+  check_case<sparsemixer_heun3, T>({12289, 100, 2, false, routing_mode::train, true, 0.0, 0.0}, 62);
+  check_case<sparsemixer_euler, T>({12289, 97, 4, true, routing_mode::eval, false, 0.05, 0.0}, 63);
+  check_case<sparsemixer_midpoint, T>({12289, 128, 6, false, routing_mode::train, true, 0.0, 0.002},
+                                      64);
+}
 
 TEST_CASE_TEMPLATE("cuda routing low precision: every estimator", T, __nv_bfloat16, __half) {
   sweep<switch_router, T>(11);

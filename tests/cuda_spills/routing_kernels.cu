@@ -20,7 +20,8 @@
 namespace routegrad::cuda::detail {
 
 // The forward at 4 × 32 (E ≤ 128) and 4 × 16 (E ≤ 64), the backward at 8 × 16; in fp32 the
-// backward at 4 × 16 too, except SparseMixer midpoint's and heun3's (above).
+// backward at 4 × 16 too, except SparseMixer midpoint's and heun3's (above); in bf16 SparseMixer's
+// backward at 4 × 32.
 #define ROUTEGRAD_HOT_ROUTING_KERNELS(Est, T)                                       \
   template __global__ void forward_kernel<Est, warp_lanes<4, 32, 8>, T, float>(     \
       const forward_args<T, float>);                                                \
@@ -34,6 +35,11 @@ namespace routegrad::cuda::detail {
 #define ROUTEGRAD_FP32_BACKWARD_4X16(Est)                                                   \
   template __global__ void backward_kernel<Est, warp_lanes<4, 16, 4>, float, float, float>( \
       const backward_args<float, float, float>);
+// SparseMixer's backward of 2-byte logits at E = 65 ... 128 (72 registers).
+#define ROUTEGRAD_BF16_BACKWARD_4X32(Est)                                          \
+  template __global__ void                                                         \
+  backward_kernel<Est, warp_lanes<4, 32, 4>, __nv_bfloat16, float, __nv_bfloat16>( \
+      const backward_args<__nv_bfloat16, float, __nv_bfloat16>);
 
 ROUTEGRAD_HOT_ROUTING_KERNELS_BOTH_TYPES(sparsemixer_midpoint)
 ROUTEGRAD_HOT_ROUTING_KERNELS_BOTH_TYPES(sparsemixer_heun3)
@@ -41,12 +47,16 @@ ROUTEGRAD_HOT_ROUTING_KERNELS_BOTH_TYPES(sparsemixer_euler)
 ROUTEGRAD_HOT_ROUTING_KERNELS_BOTH_TYPES(topk_softmax)
 ROUTEGRAD_FP32_BACKWARD_4X16(sparsemixer_euler)
 ROUTEGRAD_FP32_BACKWARD_4X16(topk_softmax)
+ROUTEGRAD_BF16_BACKWARD_4X32(sparsemixer_midpoint)
+ROUTEGRAD_BF16_BACKWARD_4X32(sparsemixer_heun3)
+ROUTEGRAD_BF16_BACKWARD_4X32(sparsemixer_euler)
 
 // Top-k's backward keeps 64 registers at 4 × 16 (it keeps a weights row), in bf16 too.
 template __global__ void
 backward_kernel<topk_softmax, warp_lanes<4, 16, 4>, __nv_bfloat16, float, __nv_bfloat16>(
     const backward_args<__nv_bfloat16, float, __nv_bfloat16>);
 
+#undef ROUTEGRAD_BF16_BACKWARD_4X32
 #undef ROUTEGRAD_FP32_BACKWARD_4X16
 #undef ROUTEGRAD_HOT_ROUTING_KERNELS_BOTH_TYPES
 #undef ROUTEGRAD_HOT_ROUTING_KERNELS

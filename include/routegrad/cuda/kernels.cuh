@@ -109,8 +109,13 @@ __host__ __device__ constexpr launch_bounds forward_bounds() {
 /// and top-k's backward (they keep the weights row) 80.6–80.9 → 90.2–90.4 and 44.0–44.2 →
 /// 51.3–51.7; 48 registers (128 × 10) at 8 × 16 (18:42 UTC: midpoint fp32 39.7 → 44.0 µs, bf16
 /// 37.2 → 38.6, heun3 top-2 59.8 → 61.5).
+/// At 4 × 32 (SparseMixer, 2-byte logits, E = 65 … 128: routing.cuh lanes_for) shared memory
+/// bounds it (two rows of E floats per token, 8 tokens a warp): 64 × 13, 26 warps and 72
+/// registers. H200, T = 131072, midpoint bf16 (2026-12-01 04:52 UTC, two passes): fwd + bwd 58.9 /
+/// 59.5 µs, against 60.9 / 61.6 at 128 × 6 (24 warps).
 template <class Est, class Lanes, class M>
 __host__ __device__ constexpr launch_bounds backward_bounds() {
+  if (Lanes::width == 4 && Lanes::per_lane == 32) return launch_bounds{64, 13};
   return (Lanes::width == 8 || Lanes::width == 4) && Lanes::per_lane == 16 &&
                  !keeps_weights_row<Est, Lanes, M>()
              ? launch_bounds{128, 9}

@@ -104,6 +104,20 @@ status check_logits_and_state(const device_view<TL, 2>& logits,
   return check_device_pointer(counts, "stats.expert_counts: not device memory");
 }
 
+/// What lanes_for asks of the estimator and the logits, besides the batch's size.
+struct shape_query {
+  bool noisy;       // Switch: it draws its jitter while staging a row
+  bool sparse;      // SparseMixer: candidate_weights' sparse form (no row of weights kept)
+  int logit_bytes;  // the logits' storage type
+};
+template <class Est, class T>
+constexpr shape_query shape_query_of() {
+  return {Est::noisy, Est::per_slot_softmax && Est::jitter_mask, static_cast<int>(sizeof(T))};
+}
+/// Whether lanes_for may give the backward 4 × 32 (at E = 65 … 128; see there): dispatch_shape
+/// compiles that shape only for those.
+constexpr bool backward_may_take_4x32(shape_query q) { return q.sparse && q.logit_bytes <= 2; }
+
 /// How a launch spreads a token over lanes: `width` lanes per token and rows of at most
 /// width · per_lane elements (per_lane 0: any E). How far the row loops unroll is part of the
 /// warp_lanes type dispatch_shape picks for it.
@@ -132,9 +146,14 @@ struct lanes_shape {
 /// 32: 8 × 4 at T = 4096, 4 × 8 from 16384 on (131072: 47 vs 65 fwd+bwd for 8 × 4); E ≤ 64: 8 × 8
 /// at T = 4096 (11.9 vs 13.2), 4 × 16 beyond; E = 128: backward 8 × 16 (57.7 vs 67.0 for 4 × 32),
 /// forward 4 × 32 (H200, 2026-11-30 07:19 and 07:25 UTC: 46.0–46.7 vs 49.3–50.4 for 8 × 16; heun3
-/// top-2 81.1–81.9 vs 85.6–86.5; bf16 46.7 vs 51.3); E = 256: 32 × 8. A bound on the elements per
-/// lane (even without unrolling) lets the per-slot bookkeeping use bit masks.
-inline lanes_shape lanes_for(index_t rows, index_t cols, bool backward, bool noisy) {
+/// top-2 81.1–81.9 vs 85.6–86.5; bf16 46.7 vs 51.3); SparseMixer's backward of 2-byte logits
+/// at E = 128 4 × 32 from T = 12288 (H200, 2026-12-01 04:52 UTC, T = 131072, two passes: midpoint
+/// bf16 fwd + bwd 64.0 / 65.9 → 58.9 / 59.5 µs, heun3 top-2 bf16 109.9 / 111.7 → 103.4 / 103.7;
+/// not in fp32, where it lost: midpoint 71.1 / 73.1 → 76.1 / 76.1, nor for Switch and top-k,
+/// which keep a row of weights: fp32 129.0 / 130.0 → 154.8 / 156.9, 76.0 / 78.8 → 83.2 / 83.3);
+/// E = 256: 32 × 8. A bound on the elements per lane (even without unrolling) lets the per-slot
+/// bookkeeping use bit masks.
+inline lanes_shape lanes_for(index_t rows, index_t cols, bool backward, shape_query q) {
   constexpr index_t small = 12288, medium = 49152, large = 98304;  // tokens
   if (cols <= 8) {
     if (rows < small) return {8, 1};
@@ -143,13 +162,16 @@ inline lanes_shape lanes_for(index_t rows, index_t cols, bool backward, bool noi
   }
   if (cols <= 16) {
     if (rows < small) return {8, 2};
-    if (backward) return rows >= large && noisy ? lanes_shape{2, 8} : lanes_shape{4, 4};
+    if (backward) return rows >= large && q.noisy ? lanes_shape{2, 8} : lanes_shape{4, 4};
     if (rows < medium) return {4, 4};
-    return rows < large || noisy ? lanes_shape{2, 8} : lanes_shape{1, 16};
+    return rows < large || q.noisy ? lanes_shape{2, 8} : lanes_shape{1, 16};
   }
   if (cols <= 32) return rows < small ? lanes_shape{8, 4} : lanes_shape{4, 8};
   if (cols <= 64) return rows < small ? lanes_shape{8, 8} : lanes_shape{4, 16};
-  if (cols <= 128) return backward ? lanes_shape{8, 16} : lanes_shape{4, 32};
+  if (cols <= 128) {
+    if (!backward) return {4, 32};
+    return rows >= small && backward_may_take_4x32(q) ? lanes_shape{4, 32} : lanes_shape{8, 16};
+  }
   if (cols <= 256) return {32, 8};
   return {32, 0};
 }
@@ -201,17 +223,19 @@ status shape_for(Kernel kernel, int max_threads, int width, std::size_t bytes_pe
 }
 
 /// Calls launch(Lanes{}) with the warp_lanes type of a lanes_for shape of direction `Backward`
-/// (each direction compiles only the shapes lanes_for gives it; any other shape runs the generic
-/// 32-lane kernel). Rows of up to 16 elements per lane unroll completely (the forward's draw then
-/// keeps its candidates in index order: positive_elements), except where measured otherwise (H200,
+/// (each direction compiles only the shapes lanes_for gives it, the backward's 4 × 32 only where
+/// `Backward4x32` says lanes_for may give it; any other shape runs the generic 32-lane kernel).
+/// Rows of up to 16 elements per lane unroll completely (the forward's draw then keeps its
+/// candidates in index order: positive_elements), except where measured otherwise (H200,
 /// SparseMixer midpoint): 4 × 16 (E ≤ 64): the backward four steps per loop iteration (37 µs vs
 /// 41 not unrolled and 46 completely), the forward completely (2026-11-30 07:25 UTC, T = 131072:
 /// 29.0–29.8 vs 30.6–31.5 by four; heun3 top-2 47.5–48.5 vs 53.0–53.9); 8 × 16 (E ≤ 128, the
 /// backward): four steps at a time (61.5 µs vs 63 by eight, 68 not unrolled, 72 completely: it
 /// keeps the gradient row too and spills); 4 × 32 (E ≤ 128, the forward): eight steps (46.0 µs vs
-/// 49.1 completely: it spills); 4 × 8 (E ≤ 32, T = 131072): forward completely (24.4 µs vs 25.4),
-/// backward four steps (24.3 vs 28.4).
-template <bool Backward = false, class Launch>
+/// 49.1 completely: it spills), the backward (bf16) four (2026-12-01: midpoint 58.9 / 59.5 µs vs
+/// 61.2 / 61.2 by eight, at 64 threads × 13 blocks); 4 × 8 (E ≤ 32, T = 131072): forward completely
+/// (24.4 µs vs 25.4), backward four steps (24.3 vs 28.4).
+template <bool Backward = false, bool Backward4x32 = false, class Launch>
 void dispatch_shape(lanes_shape shape, Launch launch) {
   const auto is = [shape](int width, int per_lane) {
     return shape.width == width && shape.per_lane == per_lane;
@@ -241,6 +265,8 @@ void dispatch_shape(lanes_shape shape, Launch launch) {
       launch(warp_lanes<2, 4>{});
     } else if (is(8, 16)) {
       launch(warp_lanes<8, 16, 4>{});
+    } else if (Backward4x32 && is(4, 32)) {
+      if constexpr (Backward4x32) launch(warp_lanes<4, 32, 4>{});
     } else {  // any E
       launch(warp_lanes<32>{});
     }
@@ -299,7 +325,8 @@ status run_forward(const routing_options& opt, device_view<TL, 2> logits,
 
   // Launch shapes (this can still reject a too-large E) before anything is written.
   using M = math_t<T>;
-  const detail::lanes_shape lanes = detail::lanes_for(rows, cols, /*backward=*/false, Est::noisy);
+  const detail::lanes_shape lanes =
+      detail::lanes_for(rows, cols, /*backward=*/false, detail::shape_query_of<Est, T>());
   detail::launch_shape fwd_shape{}, loss_shape{};
   status shape_status = status::ok();
   detail::dispatch_shape(lanes, [&](auto policy) {
@@ -416,11 +443,13 @@ status run_backward(const routing_options& opt, device_view<TL, 2> logits,
       detail::check_device_pointer(grad_logits.data_handle(), "grad_logits: not device memory"));
   if (rows == 0) return status::ok();
 
-  const detail::lanes_shape lanes = detail::lanes_for(rows, cols, /*backward=*/true, Est::noisy);
+  constexpr detail::shape_query query = detail::shape_query_of<Est, T>();
+  constexpr bool backward_4x32 = detail::backward_may_take_4x32(query);
+  const detail::lanes_shape lanes = detail::lanes_for(rows, cols, /*backward=*/true, query);
   detail::launch_shape shape{};
   int group_stride = 0;  // shared-memory elements per token group, passed to the kernel
   status shape_status = status::ok();
-  detail::dispatch_shape</*Backward=*/true>(lanes, [&](auto policy) {
+  detail::dispatch_shape</*Backward=*/true, backward_4x32>(lanes, [&](auto policy) {
     using L = decltype(policy);
     group_stride = static_cast<int>(
         detail::group_stride<M>(cols, detail::backward_shared_rows<Est, L, M>(), L::width));
@@ -457,7 +486,7 @@ status run_backward(const routing_options& opt, device_view<TL, 2> logits,
       group_stride,
       detail::aux_scales_of<M>(opt, rows, cols)};
   status launched = status::ok();
-  detail::dispatch_shape</*Backward=*/true>(lanes, [&](auto policy) {
+  detail::dispatch_shape</*Backward=*/true, backward_4x32>(lanes, [&](auto policy) {
     using L = decltype(policy);
     launched = detail::launch_dependent(
         detail::backward_kernel<Est, L, T, std::remove_const_t<GG>, GL>, shape.blocks,
