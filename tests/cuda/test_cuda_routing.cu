@@ -74,13 +74,27 @@ TEST_CASE("cuda routing fp32: every launch shape") {
       {777, 128, by_switch, {4, 32}, {8, 16}}, {777, 256, by_euler, {32, 8}, {32, 8}},
       {300, 257, by_topk, {32, 0}, {32, 0}},
   };
+  const auto query_of = [](estimator_kind e) {
+    using cuda::detail::shape_query_of;
+    switch (e) {
+      case by_midpoint:
+        return shape_query_of<sparsemixer_midpoint, float>();
+      case by_heun3:
+        return shape_query_of<sparsemixer_heun3, float>();
+      case by_switch:
+        return shape_query_of<switch_router, float>();
+      case by_euler:
+        return shape_query_of<sparsemixer_euler, float>();
+      case by_topk:
+        break;
+    }
+    return shape_query_of<topk_softmax, float>();
+  };
   std::uint64_t seed = 930;
   for (const shape_case& c : cases) {
     CAPTURE(c.rows);
     CAPTURE(c.cols);
-    const cuda::detail::shape_query query{c.estimator == by_switch,
-                                          c.estimator != by_switch && c.estimator != by_topk,
-                                          static_cast<int>(sizeof(float))};
+    const cuda::detail::shape_query query = query_of(c.estimator);
     const lanes_shape forward = cuda::detail::lanes_for(c.rows, c.cols, false, query);
     const lanes_shape backward = cuda::detail::lanes_for(c.rows, c.cols, true, query);
     CHECK(forward.width == c.forward.width);

@@ -149,10 +149,11 @@ struct lanes_shape {
 /// top-2 81.1–81.9 vs 85.6–86.5; bf16 46.7 vs 51.3); SparseMixer's backward of 2-byte logits
 /// at E = 128 4 × 32 from T = 12288 (H200, 2026-12-01 04:52 UTC, T = 131072, two passes: midpoint
 /// bf16 fwd + bwd 64.0 / 65.9 → 58.9 / 59.5 µs, heun3 top-2 bf16 109.9 / 111.7 → 103.4 / 103.7;
-/// not in fp32, where it lost: midpoint 71.1 / 73.1 → 76.1 / 76.1, nor for Switch and top-k,
-/// which keep a row of weights: fp32 129.0 / 130.0 → 154.8 / 156.9, 76.0 / 78.8 → 83.2 / 83.3);
-/// E = 256: 32 × 8. A bound on the elements per lane (even without unrolling) lets the per-slot
-/// bookkeeping use bit masks.
+/// at 32768 within the noise: 27.2 / 25.6 → 25.7 / 25.8, docs/performance.md run 13; not in fp32,
+/// where it lost: midpoint 71.1 / 73.1 → 76.1 / 76.1, nor for Switch and top-k, which keep a row of
+/// weights: fp32 129.0 / 130.0 → 154.8 / 156.9, 76.0 / 78.8 → 83.2 / 83.3); E = 256: 32 × 8. A
+/// bound on the elements per lane (even without unrolling) lets the per-slot bookkeeping use bit
+/// masks.
 inline lanes_shape lanes_for(index_t rows, index_t cols, bool backward, shape_query q) {
   constexpr index_t small = 12288, medium = 49152, large = 98304;  // tokens
   if (cols <= 8) {
