@@ -151,7 +151,10 @@ struct lanes_shape {
 /// bf16 fwd + bwd 64.0 / 65.9 → 58.9 / 59.5 µs, heun3 top-2 bf16 109.9 / 111.7 → 103.4 / 103.7;
 /// at 32768 within the noise: 27.2 / 25.6 → 25.7 / 25.8, docs/performance.md run 13; not in fp32,
 /// where it lost: midpoint 71.1 / 73.1 → 76.1 / 76.1, nor for Switch and top-k, which keep a row of
-/// weights: fp32 129.0 / 130.0 → 154.8 / 156.9, 76.0 / 78.8 → 83.2 / 83.3); E = 256: 32 × 8. A
+/// weights: fp32 129.0 / 130.0 → 154.8 / 156.9, 76.0 / 78.8 → 83.2 / 83.3); E = 256: 32 × 8. The
+/// same step one size down lost (H200, 2026-12-01 10:40 UTC, T = 131072, run 14): 2 × 32 at E ≤ 64
+/// (midpoint bf16 forward 24.5 → 31 µs, SparseMixer's backward 25 → 46), 2 × 16 at E ≤ 32 (the
+/// backward 22 → 26–29; the forward alone gained 4% for midpoint and lost 10% for top-k). A
 /// bound on the elements per lane (even without unrolling) lets the per-slot bookkeeping use bit
 /// masks.
 inline lanes_shape lanes_for(index_t rows, index_t cols, bool backward, shape_query q) {
