@@ -25,6 +25,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "fp32_routing.cuh"
+
+// Compiled in cuda_routing.cu (fp32_routing.cuh).
+ROUTEGRAD_BENCH_FP32_ROUTING_SHARED(extern)
+
 namespace {
 
 using namespace routegrad;

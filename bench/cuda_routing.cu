@@ -11,6 +11,11 @@
 #include <routegrad/cuda.cuh>
 #include <vector>
 
+#include "fp32_routing.cuh"
+
+// Defined here, linked to by cuda_moe_layer.cu as well (fp32_routing.cuh).
+ROUTEGRAD_BENCH_FP32_ROUTING_SHARED()
+
 namespace {
 
 using namespace routegrad;

@@ -6,6 +6,7 @@
 #include "cuda/blas.cuh"
 #include "cuda/convert.cuh"
 #include "cuda/error.cuh"
+#include "cuda/instances.cuh"
 #include "cuda/kernels.cuh"
 #include "cuda/lanes.cuh"
 #include "cuda/moe_kernels.cuh"

@@ -18,6 +18,7 @@
 
 #include "common/estimator_kinds.hpp"
 #include "common/estimator_reference.hpp"
+#include "routing_instances.cuh"
 
 namespace routegrad::test::gpu {
 

@@ -328,14 +328,27 @@ __global__ void __launch_bounds__(backward_bounds<Est, Lanes, math_t<T>>().threa
   }
 }
 
+/// What the loss sums need of an estimator: only whether it jitters its logits (Switch). The
+/// loss-sum kernel is a template of this instead of the estimator, so that the four estimators
+/// without jitter share one copy of it per lanes shape, which nvcc then compiles once, not four
+/// times (a file that routes with every estimator compiled 56 of these kernels per logit type
+/// instead of 28).
+template <bool Noisy>
+struct loss_estimator {
+  static constexpr bool noisy = Noisy;
+};
+
 /// Loss sums, phase 1: block b sums, over its fixed range of tokens in token order, the unmasked
 /// softmax column of every expert and logsumexp² (rows that cannot be routed are left out).
 /// partial[b * (E + 1) + e] = Σ_t p_{t,e}; partial[b * (E + 1) + E] = Σ_t lse_t².
-template <class Est, class Lanes, class T>
+/// `group_stride`: shared-memory elements per token group, the forward's (run_forward launches
+/// both with one footprint); the kernel uses the first rows of each group's slice.
+template <bool Noisy, class Lanes, class T>
 __global__ void __launch_bounds__(256)
     loss_partials_kernel(const T* logits, index_t rows, index_t cols, index_t s0, index_t s1,
                          routing_options opt, rng_stream stream,
-                         const std::uint64_t* offset_counter, double* partial) {
+                         const std::uint64_t* offset_counter, int group_stride, double* partial) {
+  using Est = loss_estimator<Noisy>;
   using M = math_t<T>;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   __shared__ M row_max[stats_block_tokens];
@@ -347,9 +360,7 @@ __global__ void __launch_bounds__(256)
   const index_t count = rows - first < stats_block_tokens ? rows - first : stats_block_tokens;
   const index_t groups = blockDim.x / Width;
   const int n = static_cast<int>(cols);
-  M* values = group_shared<M, Width>(
-      shared_bytes,
-      static_cast<int>(group_stride<M>(n, forward_shared_rows<Est, Lanes, M>(), Width)));
+  M* values = group_shared<M, Width>(shared_bytes, group_stride);
   const M noise_eps = noise_eps_of<Est, M>(opt);
   const rng_stream rng = rng_with_counter(stream, offset_counter);
   for (index_t r = threadIdx.x / Width; r < count; r += groups) {

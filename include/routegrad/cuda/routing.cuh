@@ -287,12 +287,6 @@ void dispatch_shape(lanes_shape shape, Launch launch) {
   }
 }
 
-/// Bytes of shared memory per token group (group_stride elements).
-template <class M>
-std::size_t group_bytes(index_t cols, int rows_per_group, int width) {
-  return static_cast<std::size_t>(group_stride<M>(cols, rows_per_group, width)) * sizeof(M);
-}
-
 }  // namespace detail
 
 /// Forward of one routing step on device memory, on exec.stream. See routegrad::route_forward.
@@ -332,18 +326,21 @@ status run_forward(const routing_options& opt, device_view<TL, 2> logits,
   const detail::lanes_shape lanes =
       detail::lanes_for(rows, cols, /*backward=*/false, detail::shape_query_of<Est, T>());
   detail::launch_shape fwd_shape{}, loss_shape{};
+  int group_stride = 0;  // shared-memory elements per token group, for the loss-sum kernel
   status shape_status = status::ok();
   detail::dispatch_shape(lanes, [&](auto policy) {
     using L = decltype(policy);
     constexpr int W = L::width;
-    const std::size_t group_bytes =
-        detail::group_bytes<M>(cols, detail::forward_shared_rows<Est, L, M>(), W);
+    group_stride = static_cast<int>(
+        detail::group_stride<M>(cols, detail::forward_shared_rows<Est, L, M>(), W));
+    const std::size_t group_bytes = static_cast<std::size_t>(group_stride) * sizeof(M);
     shape_status =
         detail::shape_for(detail::forward_kernel<Est, L, T, G>, detail::forward_bounds<L>().threads,
                           W, group_bytes, rows, fwd_shape);
     if (shape_status.is_ok() && need > 0)
-      shape_status = detail::shape_for(detail::loss_partials_kernel<Est, L, T>, 256, W, group_bytes,
-                                       0, loss_shape);  // its grid: one block per 256 tokens
+      shape_status =
+          detail::shape_for(detail::loss_partials_kernel<Est::noisy, L, T>, 256, W, group_bytes, 0,
+                            loss_shape);  // its grid: one block per 256 tokens
   });
   ROUTEGRAD_RETURN_IF_ERROR(shape_status);
 
@@ -403,10 +400,10 @@ status run_forward(const routing_options& opt, device_view<TL, 2> logits,
                                         fwd_shape.threads, fwd_shape.shared, s,
                                         "forward kernel launch", a);
     if (launched.is_ok() && need > 0)
-      detail::loss_partials_kernel<Est, L>
+      detail::loss_partials_kernel<Est::noisy, L>
           <<<static_cast<unsigned>(blocks), loss_shape.threads, loss_shape.shared, s>>>(
               logits.data_handle(), rows, cols, logits.stride(0), logits.stride(1), opt, state.rng,
-              state.offset_counter, static_cast<double*>(workspace));
+              state.offset_counter, group_stride, static_cast<double*>(workspace));
   });
   ROUTEGRAD_RETURN_IF_ERROR(launched);
   ROUTEGRAD_CUDA_TRY(cudaGetLastError(), "forward kernel launch");

@@ -1,0 +1,17 @@
+// The fp32 routing entry points both CUDA benchmark files call: cuda_routing.cu defines them
+// (explicit instantiations), cuda_moe_layer.cu (whose layer routes fp32 logits) declares them
+// extern and links to those kernels instead of compiling them again (about 35 s of nvcc per
+// estimator; routegrad/cuda/instances.cuh). Euler is timed in the layer only: it stays there.
+#pragma once
+
+#include <routegrad/cuda.cuh>
+
+#define ROUTEGRAD_BENCH_FP32_ROUTING(Prefix, Est)               \
+  ROUTEGRAD_CUDA_ROUTE_FORWARD(Prefix, Est, const float, float) \
+  ROUTEGRAD_CUDA_ROUTE_BACKWARD(Prefix, Est, const float, const float, float)
+
+#define ROUTEGRAD_BENCH_FP32_ROUTING_SHARED(Prefix)                     \
+  ROUTEGRAD_BENCH_FP32_ROUTING(Prefix, routegrad::switch_router)        \
+  ROUTEGRAD_BENCH_FP32_ROUTING(Prefix, routegrad::topk_softmax)         \
+  ROUTEGRAD_BENCH_FP32_ROUTING(Prefix, routegrad::sparsemixer_midpoint) \
+  ROUTEGRAD_BENCH_FP32_ROUTING(Prefix, routegrad::sparsemixer_heun3)

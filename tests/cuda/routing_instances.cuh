@@ -1,0 +1,20 @@
+// The fp32 routing entry points every CUDA test file uses, compiled once (routing_instances.cu)
+// instead of once per test file (routegrad/cuda/instances.cuh says why; four test files used
+// these, and compiling their kernels in each was most of those files' compile time).
+#pragma once
+
+#include <routegrad/cuda.cuh>
+
+// `Prefix`: extern (the declarations every test file sees) or nothing (the definitions).
+#define ROUTEGRAD_TEST_FP32_ROUTING(Prefix, Est)                \
+  ROUTEGRAD_CUDA_ROUTE_FORWARD(Prefix, Est, const float, float) \
+  ROUTEGRAD_CUDA_ROUTE_BACKWARD(Prefix, Est, const float, const float, float)
+
+#define ROUTEGRAD_TEST_FP32_ROUTING_ALL(Prefix)                        \
+  ROUTEGRAD_TEST_FP32_ROUTING(Prefix, routegrad::switch_router)        \
+  ROUTEGRAD_TEST_FP32_ROUTING(Prefix, routegrad::topk_softmax)         \
+  ROUTEGRAD_TEST_FP32_ROUTING(Prefix, routegrad::sparsemixer_euler)    \
+  ROUTEGRAD_TEST_FP32_ROUTING(Prefix, routegrad::sparsemixer_midpoint) \
+  ROUTEGRAD_TEST_FP32_ROUTING(Prefix, routegrad::sparsemixer_heun3)
+
+ROUTEGRAD_TEST_FP32_ROUTING_ALL(extern)
