@@ -6,12 +6,12 @@
 
 #include <routegrad/cuda.cuh>
 
-#define ROUTEGRAD_BENCH_FP32_ROUTING(Prefix, Est)               \
-  ROUTEGRAD_CUDA_ROUTE_FORWARD(Prefix, Est, const float, float) \
-  ROUTEGRAD_CUDA_ROUTE_BACKWARD(Prefix, Est, const float, const float, float)
-
-#define ROUTEGRAD_BENCH_FP32_ROUTING_SHARED(Prefix)                     \
-  ROUTEGRAD_BENCH_FP32_ROUTING(Prefix, routegrad::switch_router)        \
-  ROUTEGRAD_BENCH_FP32_ROUTING(Prefix, routegrad::topk_softmax)         \
-  ROUTEGRAD_BENCH_FP32_ROUTING(Prefix, routegrad::sparsemixer_midpoint) \
-  ROUTEGRAD_BENCH_FP32_ROUTING(Prefix, routegrad::sparsemixer_heun3)
+#define ROUTEGRAD_BENCH_FP32_ROUTING_SHARED(Prefix)                                                \
+  ROUTEGRAD_CUDA_ROUTE_STEP(Prefix, routegrad::switch_router, const float, float, const float,     \
+                            float)                                                                 \
+  ROUTEGRAD_CUDA_ROUTE_STEP(Prefix, routegrad::topk_softmax, const float, float, const float,      \
+                            float)                                                                 \
+  ROUTEGRAD_CUDA_ROUTE_STEP(Prefix, routegrad::sparsemixer_midpoint, const float, float,           \
+                            const float, float)                                                    \
+  ROUTEGRAD_CUDA_ROUTE_STEP(Prefix, routegrad::sparsemixer_heun3, const float, float, const float, \
+                            float)

@@ -6,15 +6,11 @@
 #include <routegrad/cuda.cuh>
 
 // `Prefix`: extern (the declarations every test file sees) or nothing (the definitions).
-#define ROUTEGRAD_TEST_FP32_ROUTING(Prefix, Est)                \
-  ROUTEGRAD_CUDA_ROUTE_FORWARD(Prefix, Est, const float, float) \
-  ROUTEGRAD_CUDA_ROUTE_BACKWARD(Prefix, Est, const float, const float, float)
+#define ROUTEGRAD_TEST_FP32_ROUTING(Prefix, Est) \
+  ROUTEGRAD_CUDA_ROUTE_STEP(Prefix, Est, const float, float, const float, float)
 
-#define ROUTEGRAD_TEST_FP32_ROUTING_ALL(Prefix)                        \
-  ROUTEGRAD_TEST_FP32_ROUTING(Prefix, routegrad::switch_router)        \
-  ROUTEGRAD_TEST_FP32_ROUTING(Prefix, routegrad::topk_softmax)         \
-  ROUTEGRAD_TEST_FP32_ROUTING(Prefix, routegrad::sparsemixer_euler)    \
-  ROUTEGRAD_TEST_FP32_ROUTING(Prefix, routegrad::sparsemixer_midpoint) \
-  ROUTEGRAD_TEST_FP32_ROUTING(Prefix, routegrad::sparsemixer_heun3)
-
-ROUTEGRAD_TEST_FP32_ROUTING_ALL(extern)
+ROUTEGRAD_TEST_FP32_ROUTING(extern, routegrad::switch_router)
+ROUTEGRAD_TEST_FP32_ROUTING(extern, routegrad::topk_softmax)
+ROUTEGRAD_TEST_FP32_ROUTING(extern, routegrad::sparsemixer_euler)
+ROUTEGRAD_TEST_FP32_ROUTING(extern, routegrad::sparsemixer_midpoint)
+ROUTEGRAD_TEST_FP32_ROUTING(extern, routegrad::sparsemixer_heun3)
