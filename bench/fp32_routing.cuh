@@ -1,6 +1,6 @@
 // The fp32 routing entry points both CUDA benchmark files call: cuda_routing.cu defines them
 // (explicit instantiations), cuda_moe_layer.cu (whose layer routes fp32 logits) declares them
-// extern and links to those kernels instead of compiling them again (about 35 s of nvcc per
+// extern and links to those kernels instead of compiling them again (about 40 s of nvcc per
 // estimator; routegrad/cuda/instances.cuh). Euler is timed in the layer only: it stays there.
 #pragma once
 

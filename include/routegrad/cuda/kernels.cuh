@@ -331,8 +331,8 @@ __global__ void __launch_bounds__(backward_bounds<Est, Lanes, math_t<T>>().threa
 /// What the loss sums need of an estimator: only whether it jitters its logits (Switch). The
 /// loss-sum kernel is a template of this instead of the estimator, so that the four estimators
 /// without jitter share one copy of it per lanes shape, which nvcc then compiles once, not four
-/// times (a file that routes with every estimator compiled 56 of these kernels per logit type
-/// instead of 28).
+/// times (a file that routes with every estimator compiled 70 of these kernels per logit type,
+/// 14 lanes shapes × 5, instead of 28).
 template <bool Noisy>
 struct loss_estimator {
   static constexpr bool noisy = Noisy;
