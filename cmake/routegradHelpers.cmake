@@ -81,3 +81,17 @@ function(routegrad_target_dev_options target)
     endif()
   endif()
 endfunction()
+
+# routegrad_add_kernels_once_test(<program>)
+#   A CTest test (label build; no GPU needed) that fails when one of <program>'s routing kernels
+#   is compiled in two of its object files (tests/support/kernels_compiled_once.sh says why).
+function(routegrad_add_kernels_once_test program)
+  if(NOT CMAKE_NM)
+    message(STATUS "routegrad: no nm, ${program}.kernels_compiled_once is not added")
+    return()
+  endif()
+  add_test(NAME ${program}.kernels_compiled_once
+           COMMAND bash "${PROJECT_SOURCE_DIR}/tests/support/kernels_compiled_once.sh" "${CMAKE_NM}"
+                   ${program} "$<TARGET_OBJECTS:${program}>" COMMAND_EXPAND_LISTS)
+  set_tests_properties(${program}.kernels_compiled_once PROPERTIES LABELS build)
+endfunction()
