@@ -1,5 +1,6 @@
 // The CUDA routing entry points with bf16 and fp16 logits and logit gradients (math in fp32,
-// gates in fp32) against the double-precision SPEC reference and the CPU back end.
+// gates in fp32) against the double-precision SPEC reference and the CPU back end: every
+// estimator, k in {1, 2, 4}, E in {1, 7, 8, 64, 100, 128, 256, 1000}, strided and contiguous.
 #include <utility>
 
 #include "routing_check.cuh"
@@ -11,7 +12,7 @@ using routegrad::test::gpu::check_case;
 
 template <class Est, class T>
 void sweep(std::uint64_t seed) {
-  for (index_t E : {7, 8, 64, 128, 1000})
+  for (index_t E : {1, 7, 8, 64, 100, 128, 256, 1000})
     for (int k : {1, 2, 4}) {
       if (k > E) continue;
       const bool strided = (seed & 1) != 0;
